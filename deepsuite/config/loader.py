@@ -1,0 +1,323 @@
+"""Load, merge, check and dump configurations.
+
+Precedence: CLI `key=value` overrides > YAML file > dataclass defaults. Every problem raises one
+`ConfigError` naming the key, the value and the fix. YAML goes through `yaml.safe_load` only, so a
+file with a Python tag is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from deepsuite.config.errors import ConfigError
+from deepsuite.config.schema import SECTIONS, Config, ModelConfig
+
+# Family name -> torch-free module exposing ARGS_CLASS (a dataclass with validate()) and FLAVORS.
+MODEL_FAMILIES: dict[str, str] = {
+    "gpt": "deepsuite.models.gpt.config",
+    "deepseek_v3": "deepsuite.models.deepseek_v3.config",
+}
+
+
+def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def family_module(name: str) -> types.ModuleType:
+    """Import the torch-free config module of a model family, or raise a `ConfigError`."""
+    if name not in MODEL_FAMILIES:
+        raise ConfigError(
+            f"model.name={name!r} is not a known model family{_suggest(name, MODEL_FAMILIES)} "
+            f"(choose one of {sorted(MODEL_FAMILIES)})"
+        )
+    return importlib.import_module(MODEL_FAMILIES[name])
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (with safe numeric widening) or raise `ConfigError`."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            hint = _suggest(str(value), [str(c) for c in choices])
+            raise ConfigError(f"{key}={value!r} is not allowed{hint} (choose one of {list(choices)})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        members = get_args(tp)
+        if value is None and type(None) in members:
+            return None
+        errors = []
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return coerce(value, member, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r} has the wrong type")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list (write it as [a, b] in YAML)")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be an integer") from None
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be a number") from None
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str, allow_extra: bool = False) -> Any:
+    """Build dataclass `cls` from `values`, checking names and types; `prefix` names the section."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}={values!r} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            if allow_extra:
+                continue
+            raise ConfigError(
+                f"unknown key '{prefix}.{key}'{_suggest(str(key), names)} (valid keys: {', '.join(names)})"
+            )
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split a CLI override `a.b=value` into (["a", "b"], value parsed as YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. training.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={raw!r} is not a valid YAML value: {exc}") from None
+    return key.split("."), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; missing files and tags raise `ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file with --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(
+            f"{p}: YAML tag refused ({exc.problem}); config files hold plain values only"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, training:, ...)")
+    return data
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def resolve_model_args(model: ModelConfig) -> Any:
+    """The family's model-args dataclass for `model` (flavor values, then overrides), validated."""
+    module = family_module(model.name)
+    flavors: dict[str, Any] = module.FLAVORS
+    if model.flavor not in flavors:
+        raise ConfigError(
+            f"model.flavor={model.flavor!r} is not a {model.name} flavor{_suggest(model.flavor, flavors)} "
+            f"(choose one of {', '.join(flavors)})"
+        )
+    base = dataclasses.asdict(flavors[model.flavor])
+    base.update(model.args)
+    args = build_dataclass(module.ARGS_CLASS, base, "model")
+    args.validate()
+    return args
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from a nested dict of sections."""
+    for section in data:
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section '{section}'{_suggest(str(section), SECTIONS)} "
+                f"(valid sections: {', '.join(SECTIONS)})"
+            )
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = data.get(name) or {}
+        if name == "model":
+            if not isinstance(values, dict):
+                raise ConfigError(f"model={values!r} must be a mapping")
+            own = {k: v for k, v in values.items() if k in ("name", "flavor")}
+            extra = dict(values.get("args") or {})
+            extra.update({k: v for k, v in values.items() if k not in ("name", "flavor", "args")})
+            model = build_dataclass(ModelConfig, own, "model")
+            model.args = extra
+            built[name] = model
+        else:
+            built[name] = build_dataclass(cls, values, name)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a run configuration: defaults < YAML file at `path` < `key=value` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "model" and len(keys) == 2 and keys[1] not in ("name", "flavor", "args"):
+            keys = ["model", keys[1]]
+        _merge(data, keys, value)
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict of `cfg` (model args flattened into the model section), ready for YAML."""
+    out = dataclasses.asdict(cfg)
+    model = out["model"]
+    args = model.pop("args")
+    model.update(args)
+    return out
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML (the resolved run config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        kind = "> 0" if strict else ">= 0"
+        raise ConfigError(f"{key}={value} must be {kind}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; model sizes are checked by the family's args `validate()`."""
+    resolve_model_args(cfg.model)
+    t = cfg.training
+    _positive("training.steps", t.steps)
+    _positive("training.seq_len", t.seq_len)
+    _positive("training.global_batch_size", t.global_batch_size)
+    _positive("training.micro_batch_size", t.micro_batch_size)
+    _positive("training.gradient_accumulation_steps", t.gradient_accumulation_steps, strict=False)
+    _positive("training.grad_clip", t.grad_clip, strict=False)
+    _positive("training.eval_every", t.eval_every, strict=False)
+    _positive("training.eval_batches", t.eval_batches)
+    _positive("training.sample_tokens", t.sample_tokens, strict=False)
+    _positive("training.router_bias_update_rate", t.router_bias_update_rate, strict=False)
+    _positive("training.max_steps_per_run", t.max_steps_per_run, strict=False)
+    per_step = t.micro_batch_size * max(t.gradient_accumulation_steps, 1)
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × "
+            f"gradient_accumulation_steps = {per_step}; make the global batch a multiple of {per_step}"
+        )
+    if not 0.0 <= t.mtp_lambda_switch <= 1.0:
+        raise ConfigError(f"training.mtp_lambda_switch={t.mtp_lambda_switch} must be a fraction in [0, 1]")
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    s = cfg.schedule
+    _positive("schedule.warmup_steps", s.warmup_steps, strict=False)
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    d = cfg.data
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1), e.g. 0.05")
+    _positive("data.num_proc", d.num_proc)
+    _positive("data.shard_tokens", d.shard_tokens)
+    if not d.tokenizer and d.vocab_size < 260:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} must be >= 260 (256 byte-fallback pieces + specials)")
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    _positive("parallel.ep_size", p.ep_size)
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params=true needs parallel.zero_stage=3")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+    args = resolve_model_args(cfg.model)
+    n_experts = getattr(args, "n_routed_experts", 0)
+    if p.ep_size > 1 and (not n_experts or n_experts % p.ep_size):
+        raise ConfigError(
+            f"parallel.ep_size={p.ep_size} does not divide model.n_routed_experts={n_experts}; "
+            "pick an ep_size that divides the number of routed experts"
+        )
+    c = cfg.checkpoint
+    _positive("checkpoint.every", c.every, strict=False)
+    _positive("checkpoint.keep_last", c.keep_last)
+    if not c.resume:
+        raise ConfigError("checkpoint.resume is empty; use auto, never or a checkpoint path")
+    lc = cfg.loss
+    _positive("loss.chunk_size", lc.chunk_size)
+    if not 0.0 <= lc.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing={lc.label_smoothing} must be in [0, 1)")
+    _positive("logging.log_every", cfg.logging.log_every)
+    max_pos = getattr(args, "max_seq_len", None)
+    if max_pos is not None and t.seq_len > max_pos:
+        raise ConfigError(
+            f"training.seq_len={t.seq_len} exceeds the model's max_seq_len={max_pos}; "
+            f"lower training.seq_len or set model.max_seq_len={t.seq_len}"
+        )
