@@ -289,7 +289,9 @@ def validate(cfg: Config) -> None:
     _positive("data.num_proc", d.num_proc)
     _positive("data.shard_tokens", d.shard_tokens)
     if not d.tokenizer and d.vocab_size < 260:
-        raise ConfigError(f"data.vocab_size={d.vocab_size} must be >= 260 (256 byte-fallback pieces + specials)")
+        raise ConfigError(
+            f"data.vocab_size={d.vocab_size} must be >= 260 (256 byte-fallback pieces + specials)"
+        )
     p = cfg.parallel
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
