@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import textwrap
 
 
@@ -27,7 +28,7 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(source)
         class_def = next(n for n in tree.body if isinstance(n, ast.ClassDef))
         body = class_def.body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
