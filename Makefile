@@ -42,8 +42,8 @@ train: install
 
 lint:
 	$(VENV)/bin/ruff check deepsuite tests tools
-	$(VENV)/bin/ruff format --check deepsuite tests tools || true
-	@if [ -x $(VENV)/bin/hadolint ]; then for f in docker/Dockerfile*; do [ -f "$$f" ] && $(VENV)/bin/hadolint --config docker/hadolint.yaml "$$f"; done; true; fi
+	$(VENV)/bin/ruff format --check deepsuite tests tools
+	@for f in docker/Dockerfile*; do echo "hadolint $$f"; $(VENV)/bin/hadolint --config docker/hadolint.yaml "$$f" || exit 1; done
 
 typecheck:
 	$(VENV)/bin/mypy
