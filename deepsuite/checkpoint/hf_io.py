@@ -1,0 +1,311 @@
+"""Safetensors model folders: HF (config.json + model.safetensors or a sharded index) and deepsuite's
+native folder (model.yaml + model.safetensors with deepsuite key names).
+
+Writes are atomic: everything goes into a temporary folder next to the target, which is renamed into
+place only when complete, so a crash never leaves a half-written folder. Only safetensors are read;
+pickled ``pytorch_model.bin`` files are refused (unpickling runs arbitrary code).
+
+safetensors refuses tensors that share storage, so aliases (tied weights) are written once and the
+alias map is stored in the file metadata (``deepsuite.aliases``); readers restore the aliases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+MODEL_YAML = "model.yaml"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_ALIASES_KEY = "deepsuite.aliases"
+
+
+class CheckpointFormatError(ValueError):
+    """A model folder is missing, unsafe or inconsistent; the message says what and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
+
+    A non-empty existing ``target`` is replaced only with ``overwrite=True``; on any error the
+    temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder")
+        if any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop exact aliases (tied weights; the first key in order is kept) and copy partial overlaps.
+
+    Returns the tensors to write (detached, contiguous, on CPU) and ``{dropped_key: kept_key}``.
+    """
+    kept: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        skey = _storage_key(t)
+        if skey in kept:
+            aliases[key] = kept[skey]
+            continue
+        kept[skey] = key
+        storage = (t.device, t.untyped_storage().data_ptr())
+        shared = (
+            storage in storages
+            or not t.is_contiguous()
+            or t.numel() != t.untyped_storage().nbytes() // t.element_size()
+        )
+        storages.add(storage)
+        t = t.to("cpu")
+        out[key] = t.clone().contiguous() if shared else t.contiguous()
+    return out, aliases
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def write_safetensors(
+    folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[str]:
+    """Write ``tensors`` into ``folder`` as ``model.safetensors`` or, above ``max_shard_bytes``, as
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. Returns the
+    file names written."""
+    to_write, aliases = dedupe_tensors(tensors)
+    metadata = {"format": "pt"}
+    if aliases:
+        metadata[_ALIASES_KEY] = json.dumps(aliases)
+    shards = _shards(to_write, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in to_write.values())
+    index = {"metadata": {"total_size": total, _ALIASES_KEY: json.dumps(aliases)}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, INDEX_FILE]
+
+
+def write_hf_folder(
+    path: str | os.PathLike[str],
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Atomically write an HF model folder: ``config.json`` + safetensors (sharded above ``max_shard_bytes``)."""
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tmp, tensors, max_shard_bytes)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = f" (found {', '.join(pickles)})" if pickles else ""
+    raise CheckpointFormatError(
+        f"{folder} has no model.safetensors or model.safetensors.index.json{hint}. deepsuite reads "
+        "safetensors only and never unpickles .bin files; convert them first, e.g. with transformers: "
+        "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+    )
+
+
+def _read_file(path: Path, out: dict[str, torch.Tensor]) -> dict[str, str]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            out[key] = f.get_tensor(key)
+        return f.metadata() or {}
+
+
+def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of ``folder`` (``model.safetensors`` or a sharded index), aliases restored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointFormatError(f"{folder} is not a folder")
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    if (folder / SINGLE_FILE).is_file():
+        meta = _read_file(folder / SINGLE_FILE, tensors)
+        aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
+    elif (folder / INDEX_FILE).is_file():
+        index = json.loads((folder / INDEX_FILE).read_text())
+        weight_map: dict[str, str] = index.get("weight_map", {})
+        for name in sorted(set(weight_map.values())):
+            shard = folder / name
+            if not shard.is_file() or Path(name).name != name:
+                raise CheckpointFormatError(f"{folder / INDEX_FILE} names shard {name!r}, which is missing")
+            meta = _read_file(shard, tensors)
+            aliases.update(json.loads(meta.get(_ALIASES_KEY, "{}")))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointFormatError(f"shards of {folder} lack tensors listed in the index: {missing[:5]}")
+    else:
+        _refuse_pickles(folder)
+    for alias, source in aliases.items():
+        tensors.setdefault(alias, tensors[source])
+    return tensors
+
+
+def read_hf_folder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config.json as a dict, tensors)`` of an HF model folder."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    return config, read_safetensors(folder)
+
+
+# ------------------------------------------------------------------------ loading into a model
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """``model.load_state_dict(state_dict)`` with one error naming missing and unexpected keys."""
+    expected = set(model.state_dict())
+    given = set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
+        raise CheckpointFormatError(
+            f"{source} does not match {type(model).__name__}: keys " + "; ".join(parts)
+        )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointFormatError(f"{source} does not match {type(model).__name__}: {exc}") from None
+
+
+def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> nn.Module:
+    """Move a meta-built model to ``device`` (initialising every parameter and buffer), cast to ``dtype``."""
+    model = model.to_empty(device=device)
+    model.init_weights()  # type: ignore[operator]  # also fills non-persistent buffers (RoPE caches, ...)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+# ------------------------------------------------------------------- deepsuite-native folder
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` as a deepsuite folder: ``model.yaml`` ({name, args}) + safetensors with
+    deepsuite key names (tied weights stored once)."""
+    from deepsuite.models.hf import model_family, unwrap_model
+
+    model = unwrap_model(model)
+    name = model_family(model)
+    args = model.args
+    spec = {"name": name, "args": dataclasses.asdict(args)}  # type: ignore[call-overload]
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        (tmp / MODEL_YAML).write_text(yaml.safe_dump(spec, sort_keys=False))
+        write_safetensors(tmp, model.state_dict(), max_shard_bytes)
+    return Path(path)
+
+
+def load_model(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Build the model described by ``model.yaml`` in ``path`` and load its safetensors strictly."""
+    from deepsuite.config.loader import build_dataclass
+    from deepsuite.models.registry import get_model_spec
+
+    folder = Path(path)
+    if not (folder / MODEL_YAML).is_file():
+        raise CheckpointFormatError(
+            f"{folder} has no {MODEL_YAML}; for a Hugging Face folder use deepsuite.models.load_hf"
+        )
+    spec_data = yaml.safe_load((folder / MODEL_YAML).read_text()) or {}
+    if not isinstance(spec_data, dict) or "name" not in spec_data:
+        raise CheckpointFormatError(f"{folder / MODEL_YAML} must be a mapping with 'name' and 'args'")
+    spec = get_model_spec(spec_data["name"])
+    args = build_dataclass(spec.args_cls, dict(spec_data.get("args") or {}), "model")
+    args.validate()
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model = materialize(model, device, dtype)
+    load_state_dict_strict(model, read_safetensors(folder), source=str(folder))
+    return model

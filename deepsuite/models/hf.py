@@ -1,0 +1,98 @@
+"""Hugging Face folders in and out, for any registered family.
+
+``load_hf(path)`` reads config.json, finds the family by ``model_type`` in the registry, converts
+config and weights with the family's HF adapter, builds the model on meta and loads strictly.
+``save_hf(model, path)`` does the reverse. The adapters are pure functions on state dicts
+(`deepsuite.models.<family>.hf_adapter`); the file I/O is `deepsuite.checkpoint.hf_io`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepsuite.checkpoint.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointFormatError,
+    load_state_dict_strict,
+    materialize,
+    read_hf_folder,
+    write_hf_folder,
+)
+from deepsuite.config.loader import MODEL_FAMILIES
+from deepsuite.models.registry import ModelSpec, family_for_hf_model_type, get_model_spec
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and engine/DDP (``module``) wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and not hasattr(model, "args"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def model_family(model: nn.Module) -> str:
+    """Registry family name of ``model`` (matched on its class, without importing other families)."""
+    specs: list[ModelSpec] = []
+    for name in MODEL_FAMILIES:
+        try:
+            specs.append(get_model_spec(name))
+        except ImportError:  # a family whose code is not there (yet) cannot own this model
+            continue
+    for base in type(model).__mro__:  # the class itself first, then the classes it derives from
+        path = f"{base.__module__}:{base.__qualname__}"
+        for spec in specs:
+            if spec.model_path == path:
+                return spec.name
+    raise CheckpointFormatError(f"{type(model).__name__} is not a model of any registered family")
+
+
+def load_hf(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load an HF model folder (config.json + safetensors) as a deepsuite model.
+
+    ``dtype=None`` keeps deepsuite's float32 parameters; pass e.g. ``torch.bfloat16`` to cast.
+    Missing or unexpected weights raise `CheckpointFormatError` naming them.
+    """
+    config, tensors = read_hf_folder(path)
+    if "model_type" not in config:
+        raise CheckpointFormatError(f"{Path(path) / 'config.json'} has no model_type")
+    spec = family_for_hf_model_type(config["model_type"])
+    adapter = spec.adapter()
+    args = adapter.config_from_hf(config)
+    state_dict = adapter.state_dict_from_hf(tensors, args)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model = materialize(model, device, dtype)
+    load_state_dict_strict(model, state_dict, source=str(path))
+    return model
+
+
+def save_hf(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` as an HF folder that transformers' ``from_pretrained`` reads (atomically)."""
+    model = unwrap_model(model)
+    spec = get_model_spec(model_family(model))
+    adapter = spec.adapter()
+    args = model.args
+    config = adapter.config_to_hf(args)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype_name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    config["torch_dtype"] = config["dtype"] = dtype_name
+    state_dict = adapter.state_dict_to_hf(model.state_dict(), args)
+    return write_hf_folder(path, config, state_dict, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
