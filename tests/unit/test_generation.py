@@ -142,7 +142,7 @@ def test_sample_next_token():
 def test_kv_cache_bounds():
     cache = KVCache(1, batch_size=2, n_heads=2, max_seq_len=4, head_dim=3)
     k = torch.ones(2, 2, 3, 3)
-    kk, vv = cache.update(0, k, k, start_pos=0)
+    kk, _ = cache.update(0, k, k, start_pos=0)
     assert kk.shape == (2, 2, 3, 3) and cache.length == 3
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.update(0, k, k, start_pos=2)

@@ -51,7 +51,7 @@ def test_sharded_write_and_read(tmp_path):
 
 def test_tied_weights_are_written_once_and_retied(tmp_path):
     save_hf(tiny(), tmp_path / "hf")
-    config, tensors = read_hf_folder(tmp_path / "hf")
+    _, tensors = read_hf_folder(tmp_path / "hf")
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
@@ -108,7 +108,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(CheckpointFormatError, match=r"found pytorch_model\.bin.*safetensors only"):
         load_hf(tmp_path)
-    with pytest.raises(CheckpointFormatError, match="no config.json"):
+    with pytest.raises(CheckpointFormatError, match=r"no config\.json"):
         load_hf(tmp_path / "missing")
 
 
