@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from deepsuite.models.hf import load_hf, save_hf
 transformers = pytest.importorskip("transformers")
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-HF_CONFIGS = {
+HF_CONFIGS: dict[str, dict[str, Any]] = {
     "tied-4x": dict(vocab_size=113, n_positions=40, n_embd=32, n_layer=2, n_head=4),
     "untied-n_inner": dict(
         vocab_size=97,
