@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deepsuite.generation.kv_cache import KVCache
+from deepsuite.heads.lm_head import LMHead
 from deepsuite.layers.attention.mha import MultiHeadAttention
 from deepsuite.layers.embedding import init_embedding, position_ids
 from deepsuite.layers.mlp import GELUMLP
@@ -61,7 +62,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.ln_f = nn.LayerNorm(args.d_model, eps=args.layer_norm_eps, bias=args.bias)
-        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.lm_head = LMHead(args.d_model, args.vocab_size, bias=False, tie_weights=args.tie_embeddings)
         self.tie_weights()
 
     @property
@@ -72,7 +73,7 @@ class GPT(nn.Module):
     def tie_weights(self) -> None:
         """Make ``lm_head.weight`` the very Parameter of ``wte.weight`` when ``args.tie_embeddings``."""
         if self.args.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+            self.lm_head.tie_embedding_weights(self.wte)
 
     def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> GPT:
         """`nn.Module.to_empty`, then re-tie: materialising from meta gives each module its own tensor."""
@@ -96,6 +97,7 @@ class GPT(nn.Module):
             block.attn.init_weights(std, out_std)
             block.mlp.init_weights(std, out_std)
         init_layer_norm(self.ln_f)
+        self.lm_head.init_weights()  # re-shares the tied weight; zero bias
         if not self.args.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
@@ -144,12 +146,9 @@ class GPT(nn.Module):
         h = self.hidden_states(input_ids, cache=cache, start_pos=start_pos)  # (B, T, C)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
-        from deepsuite.loss import fused_linear_cross_entropy
-
-        loss = fused_linear_cross_entropy(
-            h.flatten(0, 1),
-            self.lm_head.weight,
-            labels.flatten(),
+        loss = self.lm_head.loss(
+            h,
+            labels,
             backend=self.loss_backend,
             chunk_size=self.loss_chunk_size,
             label_smoothing=self.label_smoothing,
