@@ -234,7 +234,20 @@ def read_hf_folder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
 def load_state_dict_strict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
-    """``model.load_state_dict(state_dict)`` with one error naming missing and unexpected keys."""
+    """``model.load_state_dict(state_dict)`` with one error naming missing and unexpected keys.
+
+    A key of a tied parameter (one Parameter under several names, e.g. ``lm_head.weight`` and
+    ``wte.weight``) may be absent when another name of the same parameter is present.
+    """
+    state_dict = dict(state_dict)
+    names_of: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(value), []).append(key)
+    for names in names_of.values():
+        present = [k for k in names if k in state_dict]
+        if present:
+            for key in names:
+                state_dict.setdefault(key, state_dict[present[0]])
     expected = set(model.state_dict())
     given = set(state_dict)
     missing, unexpected = sorted(expected - given), sorted(given - expected)

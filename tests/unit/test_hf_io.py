@@ -184,3 +184,18 @@ def test_reads_a_plain_single_file_folder_written_elsewhere(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps(hf_adapter.config_to_hf(ARGS)))
     ids = torch.randint(0, 64, (1, 8))
     torch.testing.assert_close(load_hf(tmp_path)(ids), model(ids), atol=0, rtol=0)
+
+
+def test_strict_load_accepts_one_name_of_a_tied_parameter():
+    from deepsuite.checkpoint.hf_io import load_state_dict_strict
+
+    source = tiny(seed=4)
+    sd = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    target = tiny(seed=5)
+    load_state_dict_strict(target, sd)
+    assert (
+        torch.equal(target.lm_head.weight, source.wte.weight) and target.lm_head.weight is target.wte.weight
+    )
+    untied_args = GPTConfig(**{**ARGS.__dict__, "tie_embeddings": False})
+    with pytest.raises(CheckpointFormatError, match=r"1 missing \(e\.g\. lm_head\.weight\)"):
+        load_state_dict_strict(tiny(untied_args), sd)
