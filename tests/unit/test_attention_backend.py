@@ -93,6 +93,44 @@ def test_resolve_backend():
         attention(q, k, v, backend="flash")
 
 
+def test_auto_picks_flash_only_where_it_can_run(monkeypatch):
+    from deepsuite.layers.attention import backend
+
+    monkeypatch.setattr(backend, "flash_attn_available", lambda: True)
+    assert resolve_attention_backend("auto", "cuda", torch.bfloat16, 128) == "flash"
+    assert resolve_attention_backend("auto", "cuda", torch.float16, 64) == "flash"
+    assert resolve_attention_backend("auto", "cuda", torch.float32, 64) == "sdpa"
+    assert resolve_attention_backend("auto", "cuda", torch.bfloat16, 512) == "sdpa"
+    assert resolve_attention_backend("auto", "cpu", torch.bfloat16, 64) == "sdpa"
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        resolve_attention_backend("flash", "cuda", torch.float32, 64)
+
+
+def test_flash_path_layout_padding_and_slicing(monkeypatch):
+    """The flash branch on CPU with a stand-in kernel: (B, T, H, D) layout, V padded to the qk dim."""
+    import sys
+    import types
+
+    from deepsuite.layers.attention import backend
+
+    calls = []
+
+    def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        calls.append((tuple(q.shape), tuple(v.shape)))
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash-attn 2 needs one head dim"
+        out = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
+        return out.transpose(1, 2).float()  # back to (B, T, H, D)
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func)
+    )
+    q, k, v = qkv(3, 7, d=24, dv=8, b=2, h=5)
+    out = backend._flash(q, k, v, causal=True, scale=0.25, dropout_p=0.0)
+    assert calls == [((2, 3, 5, 24), (2, 7, 5, 24))]
+    assert out.shape == (2, 5, 3, 8)
+    torch.testing.assert_close(out.double(), reference(q, k, v, scale=0.25), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
