@@ -170,3 +170,20 @@ def test_bad_config_is_rejected():
 
     with pytest.raises(ConfigError, match="n_heads"):
         GPT(GPTConfig(d_model=30, n_heads=4))
+
+
+def test_init_weights_reaches_wrapped_blocks():
+    """parallel/ may wrap each element of model.layers (activation checkpointing, compile) before init."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    with torch.device("meta"):
+        model = GPT(TINY)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.layers[0]._checkpoint_wrapped_module.ln_1.weight, torch.ones(TINY.d_model))
+    x = torch.randint(0, TINY.vocab_size, (2, 6))
+    model(x).sum().backward()
+    assert model.layers[1]._checkpoint_wrapped_module.mlp.c_fc.weight.grad is not None

@@ -39,6 +39,14 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """LayerNorms 1/0, projections normal(0, std), residual projections normal(0, out_std)."""
+        init_layer_norm(self.ln_1)
+        init_layer_norm(self.ln_2)
+        self.attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
 
 class GPT(nn.Module):
     """GPT-2/3 decoder-only language model.
@@ -90,12 +98,9 @@ class GPT(nn.Module):
         out_std = std / math.sqrt(2 * self.args.n_layers)
         init_embedding(self.wte, std)
         init_embedding(self.wpe, std)
-        for block in self.layers:
-            assert isinstance(block, Block)
-            init_layer_norm(block.ln_1)
-            init_layer_norm(block.ln_2)
-            block.attn.init_weights(std, out_std)
-            block.mlp.init_weights(std, out_std)
+        for module in self.layers.modules():  # also finds blocks inside checkpoint/compile wrappers
+            if isinstance(module, Block):
+                module.init_weights(std, out_std)
         init_layer_norm(self.ln_f)
         self.lm_head.init_weights()  # re-shares the tied weight; zero bias
         if not self.args.tie_embeddings:
