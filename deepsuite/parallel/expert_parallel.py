@@ -1,0 +1,206 @@
+"""Expert parallelism applied from outside the model: local expert shards + all-to-all token exchange.
+
+`apply_expert_parallel(model, groups)` walks the model, and for every `DeepSeekMoE` module
+
+1. keeps only its local experts: rank with expert-parallel rank ``r`` holds the stacked expert
+   weights ``[r·E/ep, (r+1)·E/ep)`` (sliced from the full ``[E, …]`` tensors, same parameter names),
+2. swaps its ``dispatcher`` for `AllToAllDispatcher`, which sends every (token, expert)
+   pair to the rank that holds the expert with ``all_to_all_single`` (uneven splits), runs the
+   local experts on contiguous per-expert slices, and brings the results back with the reverse
+   all-to-all before the routing-weighted combine,
+3. tags the local expert parameters for DeepSpeed (``allreduce=False``, ``group_name``) and
+   attaches a parameter-free ``deepspeed.moe.layer.MoE`` registration, so the DeepSpeed engine
+   reduces expert gradients over the expert-data-parallel group only (see `groups`).
+
+The router, its bias and the shared experts stay replicated (plain data parallel). The model code
+never sees any of this: it calls ``dispatcher.dispatch``, its (now local) experts and
+``dispatcher.combine`` exactly as on one device.
+
+Why not DeepSpeed's AutoEP: it rejects the aux-loss-free router bias (``load_balance_coeff``) that
+DeepSeek-V3 trains with, and it replaces our MoE module with its own, so the EP=2 vs EP=1 parity
+that the tests prove here would be a parity of a different layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from deepsuite.parallel.groups import (
+    ParallelGroups,
+    expert_group_name,
+    is_expert_param,
+    make_deepspeed_registration,
+    mark_expert_params,
+)
+
+
+class _AllToAllSingle(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits; the gradient goes back by the reverse exchange."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, output_splits: list[int], input_splits: list[int], group: Any
+    ) -> Tensor:
+        ctx.group = group
+        ctx.output_splits = output_splits
+        ctx.input_splits = input_splits
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(
+            out,
+            x.contiguous(),
+            output_split_sizes=output_splits,
+            input_split_sizes=input_splits,
+            group=group,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        out = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
+        dist.all_to_all_single(
+            out,
+            grad.contiguous(),
+            output_split_sizes=ctx.input_splits,
+            input_split_sizes=ctx.output_splits,
+            group=ctx.group,
+        )
+        return out, None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group: Any = None) -> Tensor:
+    """Differentiable uneven all-to-all along dim 0.
+
+    Rows ``x[sum(input_splits[:j]) : sum(input_splits[:j+1])]`` go to rank ``j`` of ``group``; the
+    result holds, in rank order, the ``output_splits[j]`` rows received from rank ``j``.
+    """
+    return _AllToAllSingle.apply(x, output_splits, input_splits, group)
+
+
+def exchange_counts(counts: Tensor, group: Any = None) -> Tensor:
+    """All-to-all of per-expert token counts: ``counts`` [E] int64 -> received [ep · L].
+
+    ``received[s · L + l]`` is how many tokens rank ``s`` sends to my local expert ``l``.
+    """
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)
+    return received
+
+
+class AllToAllDispatcher(nn.Module):
+    """`DeepSeekMoE`'s dispatcher across an expert-parallel group (same protocol as `TokenDispatcher`).
+
+    ``dispatch``: sort the ``N·k`` token copies by global expert id (= by destination rank) →
+    exchange per-expert counts → uneven all-to-all of the rows → regroup the received rows
+    (grouped [source rank][local expert]) by local expert. ``combine``: undo the regroup → reverse
+    all-to-all → unsort and sum with the routing weights (``index_add`` over tokens). Both
+    all-to-alls are differentiable (`all_to_all`).
+
+    An ``nn.Module`` only so that its `DeepSpeedExpertRegistration` child (no parameters) is part of
+    the model, where the DeepSpeed engine looks for MoE layers.
+    """
+
+    def __init__(self, n_routed_experts: int, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.n_experts = n_routed_experts
+        self.ep_size = groups.layout.ep_size
+        self.n_local_experts = n_routed_experts // self.ep_size
+        self.ep_rank = groups.layout.ep_rank
+        self._ep_group = groups.ep_group  # a process group is not module state
+        self.deepspeed_moe_registration = make_deepspeed_registration(n_routed_experts, self.ep_size)
+
+    def dispatch(self, x: Tensor, indices: Tensor) -> tuple[Tensor, list[int], Any]:
+        """``x`` (N, D), global expert ``indices`` (N, k) -> rows for my local experts, grouped by expert."""
+        ep, n_local = self.ep_size, self.n_local_experts
+        top_k = indices.shape[1]
+        flat = indices.flatten()  # (N·k,)
+        order = flat.argsort(stable=True)  # copies grouped by expert = by destination rank
+        token_ids = order // top_k  # (N·k,)
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        received_counts = exchange_counts(counts, self._ep_group)  # (ep·L,) [source][local expert]
+        input_splits = counts.view(ep, n_local).sum(1).tolist()
+        output_splits = received_counts.view(ep, n_local).sum(1).tolist()
+        received = all_to_all(x[token_ids], output_splits, input_splits, self._ep_group)  # (S, D)
+        local_expert_of_row = torch.repeat_interleave(
+            torch.arange(ep * n_local, device=x.device) % n_local, received_counts
+        )
+        regroup = local_expert_of_row.argsort(stable=True)  # [source][expert] -> [expert][source]
+        local_counts = received_counts.view(ep, n_local).sum(0).tolist()  # (L,)
+        return received[regroup], local_counts, (order, token_ids, regroup, input_splits, output_splits)
+
+    def combine(self, y_sorted: Tensor, weights: Tensor, state: Any) -> Tensor:
+        """Expert outputs back to their tokens: ``out[t] = Σ_j weights[t, j] · y(copy j of t)`` (N, D)."""
+        order, token_ids, regroup, input_splits, output_splits = state
+        received_order = y_sorted.new_empty(y_sorted.shape).index_copy(0, regroup, y_sorted)  # undo regroup
+        returned = all_to_all(received_order, input_splits, output_splits, self._ep_group)  # (N·k, D)
+        w = weights.flatten()[order].to(returned.dtype)  # (N·k,)
+        out = returned.new_zeros(weights.shape[0], returned.shape[-1])
+        return out.index_add(0, token_ids, returned * w[:, None])
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, ep_size={self.ep_size}, local={self.n_local_experts}"
+
+
+def shard_stacked_experts(experts: nn.Module, ep_rank: int, ep_size: int) -> int:
+    """Keep rows ``[ep_rank·E/ep, (ep_rank+1)·E/ep)`` of every stacked ``[E, …]`` parameter in place.
+
+    Parameter names stay the same (so state-dict keys do not change); only their first dimension
+    shrinks. Returns the new number of local experts.
+    """
+    n_local = None
+    for name, param in list(experts.named_parameters(recurse=False)):
+        n_total = param.shape[0]
+        if n_total % ep_size:
+            raise ValueError(f"{name}: {n_total} experts are not divisible by ep_size={ep_size}")
+        n_local = n_total // ep_size
+        local = param.detach()[ep_rank * n_local : (ep_rank + 1) * n_local].clone()
+        setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
+    if n_local is None:
+        raise ValueError(f"{type(experts).__name__} has no stacked expert parameters to shard")
+    return n_local
+
+
+def expert_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every MoE layer that expert parallelism applies to.
+
+    A layer qualifies when it follows the dispatch-hook contract of `deepsuite.layers.moe.DeepSeekMoE`:
+    stacked ``[E, …]`` experts in ``.experts``, ``.n_routed_experts`` and a swappable ``.dispatcher``.
+    """
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "dispatcher") and hasattr(m, "experts") and hasattr(m, "n_routed_experts")
+    ]
+
+
+def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+    """Shard the routed experts of every `DeepSeekMoE` over the EP group and route tokens by all-to-all.
+
+    Call before ``deepspeed.initialize`` (the engine must see the registration modules and the
+    ``allreduce=False`` tags) and after the weights are initialised or loaded: each rank slices its
+    shard out of the full expert tensors, so every rank must start from the same full weights
+    (same seed, or loaded from the same checkpoint). No-op when ``ep_size == 1``.
+    """
+    if groups.layout.ep_size == 1:
+        return model
+    ep_size, ep_rank = groups.layout.ep_size, groups.layout.ep_rank
+    layers = expert_parallel_modules(model)
+    if not layers:
+        raise ValueError(
+            f"parallel.ep_size={ep_size} but {type(model).__name__} has no DeepSeekMoE layer; set parallel.ep_size=1"
+        )
+    for _, moe in layers:
+        n_experts = int(moe.n_routed_experts)  # type: ignore[arg-type]
+        experts: nn.Module = moe.experts  # type: ignore[assignment]
+        experts.n_experts = shard_stacked_experts(experts, ep_rank, ep_size)  # type: ignore[assignment]
+        mark_expert_params(experts, expert_group_name(ep_size))
+        moe.dispatcher = AllToAllDispatcher(n_experts, groups)  # nn.Module: registered as a child
+    return model
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the parameters tagged as expert (EP-sharded) parameters."""
+    return [n for n, p in model.named_parameters() if is_expert_param(p)]
