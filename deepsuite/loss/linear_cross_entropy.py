@@ -196,6 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has_bias = bias is not None
         ctx.n_valid = n_valid
+        ctx.compute_dtype = compute_dtype
         if precompute:
             ctx.grads = (grad_h, grad_w, grad_b)
             ctx.save_for_backward(valid_index)
@@ -222,7 +223,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (valid_index,) = ctx.saved_tensors
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
-            g = grad_out.to(grad_h.dtype if grad_h is not None else torch.float32)
+            g = grad_out.to(ctx.compute_dtype)
             for t in (grad_h, grad_w, grad_b):
                 if t is not None:
                     t.mul_(g)  # in place: the accumulators are ours alone
