@@ -1,0 +1,283 @@
+"""DeepSeekMoE: shared experts plus routed experts with aux-loss-free balancing (DeepSeek-V3 §2.1.2).
+
+``DeepSeekMoE.forward`` reads like the paper::
+
+    weights, indices, scores = gate(x)            # fp32 routing, bias only chooses
+    x_sorted, counts, state = dispatcher.dispatch(x, indices)
+    y_sorted = experts(x_sorted, counts)          # each expert on its contiguous slice
+    y = dispatcher.combine(y_sorted, weights, state)
+    return y + shared_experts(x)
+
+**Expert-parallel seam (DESIGN seam 2).** ``dispatcher`` is a plain object with two methods:
+
+* ``dispatch(x (N, D), indices (N, k)) -> (x_sorted (S, D), counts (E_local,) list[int], state)``:
+  the token copies that the *local* experts must process, grouped by local expert in order;
+* ``combine(y_sorted (S, D), weights (N, k), state) -> (N, D)``: the weighted sum back in token order.
+
+`TokenDispatcher` is the single-device one (sort by expert, ``index_add`` back). `deepsuite.parallel`
+replaces ``moe.dispatcher`` with an all-to-all dispatcher and shards ``moe.experts`` (stacked
+``[E_local, …]`` tensors) without touching this file; routing, counts, the bias and the balance
+loss stay here and use global expert ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsuite.layers.mlp import SwiGLU
+
+
+class MoERouter(nn.Module):
+    """Top-k router with group-limited routing and a selection-only bias (DeepSeek-V3).
+
+    Scores are computed in float32 (sigmoid, or softmax for DeepSeek-V2). ``e_score_correction_bias``
+    is added to the scores only to *choose* experts (and groups); the routing weights are the
+    unbiased scores of the chosen experts, renormalised (``norm_topk_prob``) and times ``route_scale``.
+    With ``n_groups > 1`` a token may only use experts of its ``topk_groups`` best groups; a group
+    scores the sum of its top-2 biased scores (sigmoid) or its best score (softmax, as V2).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        score_func: str = "sigmoid",
+        route_scale: float = 1.0,
+        norm_topk_prob: bool = True,
+    ) -> None:
+        super().__init__()
+        if score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func={score_func!r} must be 'sigmoid' or 'softmax'")
+        if n_experts % n_groups:
+            raise ValueError(f"n_groups={n_groups} does not divide n_experts={n_experts}")
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.n_groups = n_groups
+        self.topk_groups = topk_groups
+        self.score_func = score_func
+        self.route_scale = route_scale
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        # float32 even when the model is cast to bf16 (see DeepSeekMoE._apply)
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens ``x`` ``(N, D)``: returns weights ``(N, k)`` fp32, expert ids ``(N, k)``, scores ``(N, E)`` fp32."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float()  # selection only
+        if self.n_groups > 1:
+            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)  # (N, G, E/G)
+            if self.score_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices  # (N, kg)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (N, k)
+        weights = scores.gather(1, indices)  # unbiased scores weight the experts
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) gate, zero bias."""
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        self.e_score_correction_bias.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """``n_experts`` SwiGLU experts as stacked tensors (transformers 5 / DeepSpeed AutoEP layout).
+
+    ``gate_up_proj`` ``[E, 2I, D]`` (gate rows then up rows) and ``down_proj`` ``[E, D, I]``.
+    ``forward(x_sorted, counts)`` runs expert ``e`` on rows ``offset_e … offset_e + counts[e]`` of
+    the expert-sorted tokens — each expert a dense matmul on its contiguous slice.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_ffn: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.d_model = d_model
+        self.d_ffn = d_ffn
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_ffn, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+        outputs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = x_sorted[start : start + n]  # (n, D)
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (n, D)
+            start += n
+        if not outputs:
+            return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
+        return torch.cat(outputs, dim=0)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights."""
+        nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj, mean=0.0, std=std)
+
+
+class TokenDispatcher:
+    """Single-device dispatch: sort the ``N·k`` token copies by expert; combine with ``index_add``."""
+
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, list[int], Any]:
+        """Token copies ``(N·k, D)`` sorted by expert, rows per expert, and the sort order."""
+        top_k = indices.shape[1]
+        flat = indices.flatten()  # (N·k,)
+        order = flat.argsort(stable=True)  # copy positions, grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_ids = order // top_k  # (N·k,) which token each sorted copy is
+        return x[token_ids], counts, (order, token_ids)
+
+    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state: Any) -> torch.Tensor:
+        """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""
+        order, token_ids = state
+        w = weights.flatten()[order].to(y_sorted.dtype)  # (S,)
+        out = y_sorted.new_zeros(weights.shape[0], y_sorted.shape[-1])
+        return out.index_add(0, token_ids, y_sorted * w[:, None])
+
+
+def sequence_balance_loss(
+    scores: torch.Tensor, indices: torch.Tensor, batch: int, alpha: float
+) -> torch.Tensor:
+    """Sequence-wise balance loss of the V3 report (eq. 17–20), averaged over sequences.
+
+    ``L = α Σ_i f_i P_i`` per sequence, with ``f_i = E / (k·T) · #{t : i ∈ TopK_t}`` and
+    ``P_i = 1/T Σ_t s'_{i,t}``, ``s'`` the scores normalised per token. ``scores`` ``(B·T, E)``,
+    ``indices`` ``(B·T, k)``.
+    """
+    n_tokens, n_experts = scores.shape
+    top_k = indices.shape[1]
+    seq_len = n_tokens // batch
+    s = scores.view(batch, seq_len, n_experts)
+    s = s / s.sum(dim=-1, keepdim=True)  # s'
+    p = s.mean(dim=1)  # (B, E)
+    hits = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+    hits.scatter_add_(
+        1, indices.view(batch, seq_len * top_k), torch.ones_like(indices, dtype=scores.dtype).view(batch, -1)
+    )
+    f = hits * (n_experts / (top_k * seq_len))  # (B, E)
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+class DeepSeekMoE(nn.Module):
+    """Shared experts plus top-k routed experts (DeepSeekMoE), with the balancing hooks.
+
+    Buffers: ``tokens_per_expert`` (float32 ``[E]``, non-persistent) counts routed token copies in
+    training forward passes since the last `update_bias`; the router's ``e_score_correction_bias``
+    (persistent, also reachable as ``moe.e_score_correction_bias``). With ``balance_loss_alpha > 0``
+    each training forward leaves the sequence-wise balance loss in ``moe.aux_loss`` for the model to
+    add to its loss.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_routed_experts: int,
+        n_shared_experts: int,
+        n_activated_experts: int,
+        moe_inter_dim: int,
+        n_expert_groups: int = 1,
+        n_limited_groups: int = 1,
+        score_func: str = "sigmoid",
+        route_scale: float = 1.0,
+        norm_topk_prob: bool = True,
+        balance_loss_alpha: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.n_routed_experts = n_routed_experts
+        self.n_activated_experts = n_activated_experts
+        self.balance_loss_alpha = balance_loss_alpha
+        self.gate = MoERouter(
+            d_model,
+            n_routed_experts,
+            n_activated_experts,
+            n_expert_groups,
+            n_limited_groups,
+            score_func,
+            route_scale,
+            norm_topk_prob,
+        )
+        self.experts = GroupedExperts(n_routed_experts, d_model, moe_inter_dim)
+        self.shared_experts = (
+            SwiGLU(d_model, n_shared_experts * moe_inter_dim) if n_shared_experts > 0 else None
+        )
+        self.dispatcher: Any = TokenDispatcher(n_routed_experts)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.float32), persistent=False
+        )
+        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor:
+        """The router's selection bias ``[E]`` (float32, persistent)."""
+        return self.gate.e_score_correction_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, T, D)`` -> ``(B, T, D)``."""
+        batch, seq_len, dim = x.shape
+        flat = x.reshape(-1, dim)  # (N, D)
+        weights, indices, scores = self.gate(flat)  # (N, k), (N, k), (N, E)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(
+                    indices.flatten(), minlength=self.n_routed_experts
+                ).float()
+            if self.balance_loss_alpha > 0:
+                self.aux_loss = sequence_balance_loss(scores, indices, batch, self.balance_loss_alpha)
+        x_sorted, counts, state = self.dispatcher.dispatch(flat, indices)
+        y_sorted = self.experts(x_sorted, counts)
+        out = self.dispatcher.combine(y_sorted, weights, state).view(batch, seq_len, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, global_load: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing step: ``bias += rate · sign(mean(load) − load)``; zero the counts.
+
+        ``global_load`` ``[E]`` is the token count per expert over the whole data-parallel world
+        (`deepsuite.parallel.balancing.update_router_biases` all-reduces ``tokens_per_expert``).
+        """
+        load = global_load.to(self.e_score_correction_bias.device, torch.float32)
+        self.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
+        self.tokens_per_expert.zero_()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DeepSeekMoE:
+        # keep the routing buffers in float32 through model.to(bf16) (transformers keeps
+        # e_score_correction_bias in fp32 too)
+        super()._apply(fn, recurse)
+        for module, name in ((self.gate, "e_score_correction_bias"), (self, "tokens_per_expert")):
+            buf = getattr(module, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(module, name, buf.float())
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Normal(0, std) router and experts, zero bias and counts."""
+        self.gate.init_weights(std)
+        self.experts.init_weights(std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        self.tokens_per_expert.zero_()
