@@ -134,7 +134,8 @@ class GroupedExperts(nn.Module):
 
 
 class TokenDispatcher:
-    """Single-device dispatch: sort the ``N·k`` token copies by expert; combine with ``index_add``."""
+    """Single-device dispatch: sort the ``N·k`` token copies by expert; combine by un-sorting and
+    summing each token's ``k`` weighted copies (deterministic, no atomics)."""
 
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
@@ -145,15 +146,15 @@ class TokenDispatcher:
         flat = indices.flatten()  # (N·k,)
         order = flat.argsort(stable=True)  # copy positions, grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_ids = order // top_k  # (N·k,) which token each sorted copy is
-        return x[token_ids], counts, (order, token_ids)
+        return x[order // top_k], counts, order
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state: Any) -> torch.Tensor:
         """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""
-        order, token_ids = state
-        w = weights.flatten()[order].to(y_sorted.dtype)  # (S,)
-        out = y_sorted.new_zeros(weights.shape[0], y_sorted.shape[-1])
-        return out.index_add(0, token_ids, y_sorted * w[:, None])
+        order = state
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = y_sorted[inverse].view(*weights.shape, -1)  # (N, k, D) back in token order
+        return (y * weights[..., None].to(y.dtype)).sum(dim=1)
 
 
 def sequence_balance_loss(
