@@ -1,0 +1,227 @@
+"""FP8 training as a conversion step (DESIGN.md seam 3).
+
+``ctx = prepare_fp8(model, cfg.fp8)`` swaps the selected ``nn.Linear`` modules in place — for
+Transformer Engine's ``te.Linear`` when TE and FP8 hardware are there, else for the native
+`Float8Linear` (``torch._scaled_mm``) when that runs on the model's device, else nothing (bf16,
+with a logged message naming what was missing). The trainer wraps each forward in
+``ctx.autocast()`` and logs ``ctx.summary``. Call it after the model is materialised and before
+the optimizer / DeepSpeed engine is built (TE conversion makes new Parameters).
+
+Selection rules:
+
+* a module is converted when it is an ``nn.Linear`` whose qualified name contains none of
+  ``cfg.exclude`` (lm_head, router, gate, embed, eh_proj by default), whose in/out features are
+  multiples of 16 (FP8 GEMM alignment) and whose weight is not shared with another module;
+  everything else stays and is listed in the summary with the reason;
+* ``cfg.backend``: ``auto`` = TE if importable on a CUDA device of compute capability ≥ 8.9,
+  else native if ``torch._scaled_mm`` runs on the device, else bf16; ``te`` and ``native`` force
+  a backend but still fall back (with a warning) when it cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from deepsuite.config.schema import FP8Config
+from deepsuite.fp8.native import Float8Linear, Float8Recipe, scaled_mm_unusable_reason
+from deepsuite.fp8.quant import Float8Quantized, dequantize, fake_quantize, quantize
+
+__all__ = [
+    "FP8Context",
+    "Float8Linear",
+    "Float8Quantized",
+    "Float8Recipe",
+    "dequantize",
+    "fake_quantize",
+    "native_scaling_for",
+    "prepare_fp8",
+    "quantize",
+    "select_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["te", "native", "bf16", "disabled"]
+_ALIGN = 16
+_MIN_TE_CAPABILITY = (8, 9)
+
+
+@dataclass
+class FP8Context:
+    """What `prepare_fp8` did, and the autocast context the trainer enters around each forward."""
+
+    backend: Backend
+    recipe: str = ""
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    te_recipe: Any = None
+    amax_group: Any = None
+    """Process group for TE's amax reduction (delayed scaling); set by ``deepsuite.parallel``."""
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """TE's FP8 autocast for the TE backend; a no-op context otherwise (native FP8 modules
+        quantise by themselves)."""
+        if self.backend != "te":
+            return contextlib.nullcontext()
+        from deepsuite.fp8.te import te_autocast
+
+        return te_autocast(self.te_recipe, enabled=True, amax_group=self.amax_group)
+
+    @property
+    def enabled(self) -> bool:
+        """True when some module computes in FP8."""
+        return self.backend in ("te", "native") and bool(self.converted)
+
+    @property
+    def summary(self) -> str:
+        """Human-readable report: backend, recipe, converted and skipped modules, fallbacks."""
+        if self.backend == "disabled":
+            return "fp8: disabled"
+        lines = [f"fp8: backend={self.backend}" + (f" recipe={self.recipe}" if self.recipe else "")]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  converted {len(self.converted)} linear layers")
+        if self.skipped:
+            lines.append(f"  kept in high precision ({len(self.skipped)}):")
+            lines += [f"    {name}: {why}" for name, why in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def select_backend(cfg: FP8Config, device: torch.device) -> tuple[Literal["te", "native", "bf16"], list[str]]:
+    """The backend that will run on ``device`` and the reasons for any fallback."""
+    notes: list[str] = []
+    if cfg.backend in ("auto", "te"):
+        reason = _te_unusable_reason(cfg, device)
+        if reason is None:
+            return "te", notes
+        if cfg.backend == "te":
+            notes.append(f"fp8.backend=te requested but {reason}; trying the native path")
+        else:
+            notes.append(f"Transformer Engine not used: {reason}")
+    reason = scaled_mm_unusable_reason(str(device))
+    if reason is None:
+        return "native", notes
+    notes.append(f"native FP8 not used: {reason}; training stays in bf16")
+    return "bf16", notes
+
+
+def _te_unusable_reason(cfg: FP8Config, device: torch.device) -> str | None:
+    from deepsuite.fp8.te import recipe_unsupported_reason, te_unavailable_reason
+
+    reason = te_unavailable_reason()
+    if reason is not None:
+        return reason
+    if device.type != "cuda":
+        return f"the model is on {device}, Transformer Engine needs CUDA"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _MIN_TE_CAPABILITY:
+        return f"GPU compute capability {capability} < 8.9 (FP8 needs Ada, Hopper or newer)"
+    return recipe_unsupported_reason(cfg.recipe)
+
+
+def native_scaling_for(cfg: FP8Config) -> tuple[dict[str, Any], list[str]]:
+    """`Float8Linear` options for ``cfg`` and notes where the native path approximates the recipe.
+
+    ``current`` → ``cfg.native_scaling``; ``block`` → block (1×128 / 128×128); ``delayed`` →
+    ``cfg.native_scaling`` with current scaling (the native path keeps no amax history);
+    ``mxfp8`` → block with power-of-two scales (MX's 1×32 e8m0 tiles need Blackwell and TE).
+    """
+    notes: list[str] = []
+    scaling = cfg.native_scaling
+    power_of_two = cfg.power_of_two_scales
+    if cfg.recipe == "block":
+        scaling = "block"
+    elif cfg.recipe == "delayed":
+        notes.append(f"native path has no amax history: recipe 'delayed' runs as current {scaling} scaling")
+    elif cfg.recipe == "mxfp8":
+        scaling, power_of_two = "block", True
+        notes.append("native path has no MX format: recipe 'mxfp8' runs as 1×128/128×128 blocks with power-of-two scales")
+    return {"scaling": scaling, "power_of_two_scales": power_of_two}, notes
+
+
+def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Names of the linear layers to convert, and the skipped ones with reasons."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, Float8Linear):
+            continue
+        hits = [s for s in exclude if s in name]
+        if hits:
+            skipped[name] = f"excluded by name ({', '.join(hits)})"
+        elif module.in_features % _ALIGN or module.out_features % _ALIGN:
+            skipped[name] = f"in/out features {module.in_features}/{module.out_features} not multiples of {_ALIGN}"
+        elif owners.get(id(module.weight), 0) > 1:
+            skipped[name] = "weight shared with another module (tied)"
+        elif module.weight.device.type == "meta":
+            skipped[name] = "on the meta device (materialise the model first)"
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config) -> FP8Context:
+    """Convert ``model``'s eligible linear layers to FP8 in place and return the `FP8Context`.
+
+    Disabled config → ``FP8Context("disabled")`` and the model untouched. Nothing is converted
+    when no FP8 backend can run; the context then says why (``backend="bf16"``).
+    """
+    if not fp8_cfg.enabled:
+        return FP8Context(backend="disabled")
+    device = _model_device(model)
+    backend, notes = select_backend(fp8_cfg, device)
+    for note in notes:
+        logger.warning(note)
+    ctx = FP8Context(backend=backend, recipe=fp8_cfg.recipe, notes=notes)
+    chosen, ctx.skipped = _candidates(model, list(fp8_cfg.exclude))
+    if backend == "bf16":
+        ctx.recipe = ""
+        ctx.skipped.update(dict.fromkeys(chosen, "no FP8 backend runs here"))
+        return ctx
+    if backend == "te":
+        from deepsuite.fp8.te import build_recipe, linear_to_te
+
+        ctx.te_recipe = build_recipe(fp8_cfg)
+        for name in chosen:
+            _set_submodule(model, name, linear_to_te(model.get_submodule(name)))  # type: ignore[arg-type]
+    else:
+        options, approx = native_scaling_for(fp8_cfg)
+        ctx.notes += approx
+        ctx.recipe = f"{fp8_cfg.recipe} (native {options['scaling']})"
+        for name in chosen:
+            linear = model.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            _set_submodule(model, name, Float8Linear.from_linear(linear, **options))
+    ctx.converted = chosen
+    _convert_experts(model, ctx, fp8_cfg)
+    logger.info(ctx.summary)
+    return ctx
+
+
+def _convert_experts(model: nn.Module, ctx: FP8Context, cfg: FP8Config) -> None:
+    """Stacked routed experts (``GroupedExperts``): see `deepsuite.fp8.experts`."""
+    from deepsuite.fp8.experts import convert_grouped_experts
+
+    convert_grouped_experts(model, ctx, cfg)
