@@ -127,7 +127,9 @@ def synthetic_outputs(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {"heatmap": targets["heatmap"], **{name: v.reshape(b, 2, h, w) for name, v in maps.items()}}
 
 
-def random_scene(generator: torch.Generator, n: int, stride: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_scene(
+    generator: torch.Generator, n: int, stride: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``n`` boxes with distinct centre cells (per class) inside a ``size`` image."""
     boxes, labels, cells = [], [], set()
     while len(boxes) < n:
@@ -150,7 +152,9 @@ def test_centernet_decode_recovers_target_boxes_exactly(as_logits):
     scenes = [random_scene(g, n, stride, size) for n in (1, 4, 7)]
     boxes = [s[0] for s in scenes]
     labels = [s[1] for s in scenes]
-    targets = build_centernet_targets(boxes, labels, 2, (size // stride, size // stride), stride, max_objects=8)
+    targets = build_centernet_targets(
+        boxes, labels, 2, (size // stride, size // stride), stride, max_objects=8
+    )
     outputs = synthetic_outputs(targets)
     if as_logits:
         outputs["heatmap"] = torch.logit(outputs["heatmap"], eps=1e-6)
@@ -161,7 +165,9 @@ def test_centernet_decode_recovers_target_boxes_exactly(as_logits):
         assert int(found.sum()) == len(boxes[i])
         order_pred = sorted(zip(pred_boxes[i][found].tolist(), classes[i][found].tolist()))
         order_true = sorted(zip(boxes[i].tolist(), labels[i].tolist()))
-        torch.testing.assert_close(torch.tensor([b for b, _ in order_pred]), torch.tensor([b for b, _ in order_true]))
+        torch.testing.assert_close(
+            torch.tensor([b for b, _ in order_pred]), torch.tensor([b for b, _ in order_true])
+        )
         assert [c for _, c in order_pred] == [c for _, c in order_true]
 
 
@@ -200,7 +206,9 @@ def test_heatmap_soft_argmax_is_the_expectation_and_differentiable():
     centres = [(7.3, 6.8), (8.0, 8.2)]  # ≥ 6σ from the borders: the truncated tails are negligible
     log_heat = gaussian_map(centres, 16, 16, sigma=1.0).log().requires_grad_()
     coords, _ = HeatmapHead.decode(log_heat, refine="soft_argmax", beta=1.0)  # softmax(log g) = g / Σg
-    torch.testing.assert_close(coords[0].detach(), torch.tensor(centres, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        coords[0].detach(), torch.tensor(centres, dtype=torch.float64), rtol=0, atol=1e-6
+    )
     coords.sum().backward()
     assert torch.isfinite(log_heat.grad).all() and log_heat.grad.abs().sum() > 0
 

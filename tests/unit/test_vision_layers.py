@@ -24,7 +24,14 @@ from deepsuite.vision.layers import (
 
 
 def test_seed_import_paths_resolve_to_the_vision_layers():
-    for name in ("Bottleneck", "ComplexConv2d", "ComplexBatchNorm2d", "DFT", "HermiteFeatures", "LaguerreFeatures"):
+    for name in (
+        "Bottleneck",
+        "ComplexConv2d",
+        "ComplexBatchNorm2d",
+        "DFT",
+        "HermiteFeatures",
+        "LaguerreFeatures",
+    ):
         assert getattr(deepsuite.layers, name) is getattr(deepsuite.vision.layers, name)
 
 
@@ -51,9 +58,9 @@ def test_bottleneck_forward_equals_composition_and_zero_init_residual():
     x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
 
     def bn(module, t):
-        return (t - module.running_mean[:, None, None]) / torch.sqrt(module.running_var[:, None, None] + module.eps) * (
-            module.weight[:, None, None]
-        ) + module.bias[:, None, None]
+        return (t - module.running_mean[:, None, None]) / torch.sqrt(
+            module.running_var[:, None, None] + module.eps
+        ) * (module.weight[:, None, None]) + module.bias[:, None, None]
 
     out = torch.relu(bn(block.bn1, F.conv2d(x, block.conv1.weight)))
     out = torch.relu(bn(block.bn2, F.conv2d(out, block.conv2.weight, stride=2, padding=1)))
@@ -100,10 +107,14 @@ def test_complex_conv_gradients_match_complex_dtype_autograd():
     weight = conv.complex_weight.detach().requires_grad_()
     (F.conv2d(z, weight, padding=1) - target).abs().pow(2).sum().backward()
     # PyTorch's complex gradient is the conjugate Wirtinger derivative ×2: (∂/∂A + i ∂/∂B)
-    torch.testing.assert_close(torch.complex(conv.conv_real.weight.grad, conv.conv_imag.weight.grad), weight.grad)
+    torch.testing.assert_close(
+        torch.complex(conv.conv_real.weight.grad, conv.conv_imag.weight.grad), weight.grad
+    )
 
 
-def complex_bn_reference(z: torch.Tensor, mean: torch.Tensor, covar: torch.Tensor, gamma: torch.Tensor, beta, eps):
+def complex_bn_reference(
+    z: torch.Tensor, mean: torch.Tensor, covar: torch.Tensor, gamma: torch.Tensor, beta, eps
+):
     """Whitening as a widely-linear complex map ``a·z + b·conj(z)``; V^{-1/2} by eigendecomposition.
 
     ``mean`` (C,) complex, ``covar`` (C, 2, 2), ``gamma`` (C, 2, 2), ``beta`` (C,) complex.
@@ -133,7 +144,9 @@ def test_complex_batch_norm_training_equals_complex_reference_and_whitens():
     torch.manual_seed(3)
     bn = ComplexBatchNorm2d(3).double()
     with torch.no_grad():
-        bn.weight.copy_(torch.tensor([[1.0, 2.0, 0.3], [0.5, 0.7, -0.2], [1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]]))
+        bn.weight.copy_(
+            torch.tensor([[1.0, 2.0, 0.3], [0.5, 0.7, -0.2], [1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]])
+        )
         bn.bias.normal_()
     # correlated, off-centre real and imaginary parts
     base = torch.randn(8, 3, 5, 6, 2, dtype=torch.float64)
@@ -144,7 +157,9 @@ def test_complex_batch_norm_training_equals_complex_reference_and_whitens():
     out = bn(z)
     mean, cov = batch_covariance(z)
     w = bn.weight.detach()
-    gamma = torch.stack((torch.stack((w[:, 0], w[:, 2]), -1), torch.stack((w[:, 2], w[:, 1]), -1)), -2)  # (C, 2, 2)
+    gamma = torch.stack(
+        (torch.stack((w[:, 0], w[:, 2]), -1), torch.stack((w[:, 2], w[:, 1]), -1)), -2
+    )  # (C, 2, 2)
     beta = torch.complex(bn.bias[:, 0], bn.bias[:, 1]).detach()
     expected = complex_bn_reference(z, mean, cov, gamma, beta, bn.eps)
     torch.testing.assert_close(out.detach(), expected)
@@ -215,7 +230,9 @@ def test_dft_equals_torch_fft_2d_and_other_dims(norm):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 6, 10, generator=g, dtype=torch.complex128)
     torch.testing.assert_close(DFT((6, 10), dim=(-2, -1), norm=norm)(z), torch.fft.fft2(z, norm=norm))
-    torch.testing.assert_close(DFT((6, 10), dim=(2, 3), inverse=True, norm=norm)(z), torch.fft.ifft2(z, norm=norm))
+    torch.testing.assert_close(
+        DFT((6, 10), dim=(2, 3), inverse=True, norm=norm)(z), torch.fft.ifft2(z, norm=norm)
+    )
     torch.testing.assert_close(DFT(3, dim=1, norm=norm)(z), torch.fft.fft(z, dim=1, norm=norm))
     x32 = torch.randn(4, 64, generator=g)
     out32 = DFT(64)(x32)
@@ -249,7 +266,14 @@ def test_hermite_tabulated_values_and_numpy():
     x = torch.linspace(-3, 3, 41, dtype=torch.float64)
     h = HermiteFeatures(8)(x)  # physicists'
     assert h.shape == (41, 9)
-    table = [torch.ones_like(x), 2 * x, 4 * x**2 - 2, 8 * x**3 - 12 * x, 16 * x**4 - 48 * x**2 + 12, 32 * x**5 - 160 * x**3 + 120 * x]
+    table = [
+        torch.ones_like(x),
+        2 * x,
+        4 * x**2 - 2,
+        8 * x**3 - 12 * x,
+        16 * x**4 - 48 * x**2 + 12,
+        32 * x**5 - 160 * x**3 + 120 * x,
+    ]
     torch.testing.assert_close(h[:, :6], torch.stack(table, -1))
     for n in range(9):
         expected = hermite.hermval(x.numpy(), np.eye(9)[n])  # Clenshaw summation, not the recurrence
@@ -259,21 +283,29 @@ def test_hermite_tabulated_values_and_numpy():
     table_e = [torch.ones_like(x), x, x**2 - 1, x**3 - 3 * x, x**4 - 6 * x**2 + 3]
     torch.testing.assert_close(he[:, :5], torch.stack(table_e, -1))
     for n in range(9):
-        torch.testing.assert_close(he[:, n], torch.from_numpy(hermite_e.hermeval(x.numpy(), np.eye(9)[n])), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(
+            he[:, n], torch.from_numpy(hermite_e.hermeval(x.numpy(), np.eye(9)[n])), rtol=1e-12, atol=1e-9
+        )
 
 
 def test_hermite_orthogonality_under_gauss_hermite_quadrature():
     nodes, weights = hermite.hermgauss(20)
     h = HermiteFeatures(6)(torch.from_numpy(nodes))  # (20, 7)
     gram = h.T @ (torch.from_numpy(weights)[:, None] * h)
-    norms = torch.tensor([math.sqrt(math.pi) * 2**n * math.factorial(n) for n in range(7)], dtype=torch.float64)
+    norms = torch.tensor(
+        [math.sqrt(math.pi) * 2**n * math.factorial(n) for n in range(7)], dtype=torch.float64
+    )
     torch.testing.assert_close(gram, torch.diag(norms), rtol=1e-9, atol=1e-7)
 
 
 def laguerre_closed_form(x: float, n: int, alpha: float) -> float:
     """L_n^α(x) = Σ_i (−1)^i Γ(n+α+1) / (Γ(n−i+1) Γ(α+i+1)) x^i / i!."""
     return sum(
-        (-1) ** i * math.gamma(n + alpha + 1) / (math.gamma(n - i + 1) * math.gamma(alpha + i + 1)) * x**i / math.factorial(i)
+        (-1) ** i
+        * math.gamma(n + alpha + 1)
+        / (math.gamma(n - i + 1) * math.gamma(alpha + i + 1))
+        * x**i
+        / math.factorial(i)
         for i in range(n + 1)
     )
 
@@ -284,10 +316,14 @@ def test_laguerre_tabulated_values_numpy_and_generalised():
     table = [torch.ones_like(x), 1 - x, (x**2 - 4 * x + 2) / 2, (-(x**3) + 9 * x**2 - 18 * x + 6) / 6]
     torch.testing.assert_close(lag[:, :4], torch.stack(table, -1))
     for n in range(8):
-        torch.testing.assert_close(lag[:, n], torch.from_numpy(laguerre.lagval(x.numpy(), np.eye(8)[n])), rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(
+            lag[:, n], torch.from_numpy(laguerre.lagval(x.numpy(), np.eye(8)[n])), rtol=1e-10, atol=1e-9
+        )
     for alpha in (0.5, 2.0, -0.5):
         gen = LaguerreFeatures(6, alpha=alpha)(x)
-        expected = torch.tensor([[laguerre_closed_form(v, n, alpha) for n in range(7)] for v in x.tolist()], dtype=torch.float64)
+        expected = torch.tensor(
+            [[laguerre_closed_form(v, n, alpha) for n in range(7)] for v in x.tolist()], dtype=torch.float64
+        )
         torch.testing.assert_close(gen, expected, rtol=1e-10, atol=1e-8)
 
 

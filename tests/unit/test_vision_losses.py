@@ -41,7 +41,9 @@ def box_ref(a, b) -> tuple[float, float, float]:
     hull_h = max(a[3], b[3]) - min(a[1], b[1])
     hull = hull_w * hull_h
     giou = iou - (hull - union) / hull
-    centre_dist_sq = ((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2) ** 2 + ((a[1] + a[3]) / 2 - (b[1] + b[3]) / 2) ** 2
+    centre_dist_sq = ((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2) ** 2 + (
+        (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
+    ) ** 2
     diou = iou - centre_dist_sq / (hull_w**2 + hull_h**2)
     return iou, giou, diou
 
@@ -62,7 +64,10 @@ def test_focal_loss_matches_case_by_case_reference(alpha, gamma):
     targets = (torch.rand(5, 7, generator=g) > 0.7).double()
     loss = FocalLoss(alpha, gamma, reduction="none")(logits, targets)
     expected = torch.tensor(
-        [[focal_ref(x, t, alpha, gamma) for x, t in zip(row_x, row_t)] for row_x, row_t in zip(logits.tolist(), targets.tolist())],
+        [
+            [focal_ref(x, t, alpha, gamma) for x, t in zip(row_x, row_t)]
+            for row_x, row_t in zip(logits.tolist(), targets.tolist())
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
@@ -167,7 +172,13 @@ def test_box_losses_degenerate_inputs_have_finite_values_and_gradients(loss_cls,
         requires_grad=True,
     )
     target = torch.tensor(
-        [[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
+        [
+            [0.0, 0.0, 2.0, 2.0],
+            [1.0, 1.0, 1.0, 1.0],
+            [0.0, 0.0, 0.0, 4.0],
+            [0.0, 0.0, 2.0, 2.0],
+            [5.0, 5.0, 5.0, 5.0],
+        ],
         requires_grad=True,
     )
     loss = loss_cls(box_format, reduction="none")(pred, target)
@@ -217,7 +228,10 @@ def centernet_ref(outputs, targets, wh_weight=0.1, offset_weight=1.0) -> tuple[f
 
 
 def small_targets():
-    boxes = [torch.tensor([[4.0, 4.0, 20.0, 14.0], [18.0, 16.0, 30.0, 30.0]]), torch.tensor([[0.0, 2.0, 9.0, 11.0]])]
+    boxes = [
+        torch.tensor([[4.0, 4.0, 20.0, 14.0], [18.0, 16.0, 30.0, 30.0]]),
+        torch.tensor([[0.0, 2.0, 9.0, 11.0]]),
+    ]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
     return build_centernet_targets(boxes, labels, num_classes=2, output_size=(8, 8), stride=4, max_objects=4)
 
@@ -303,7 +317,9 @@ def test_draw_gaussian_values_cropping_and_max_merge():
 
 def test_build_centernet_targets_by_hand():
     # stride 4: box (10, 6, 30, 22) → (2.5, 1.5, 7.5, 5.5) on the grid: w 5, h 4, centre (5, 3.5)
-    targets = build_centernet_targets([torch.tensor([[10.0, 6.0, 30.0, 22.0]])], [torch.tensor([2])], 3, (8, 10), 4.0, 5)
+    targets = build_centernet_targets(
+        [torch.tensor([[10.0, 6.0, 30.0, 22.0]])], [torch.tensor([2])], 3, (8, 10), 4.0, 5
+    )
     assert targets["heatmap"].shape == (1, 3, 8, 10)
     assert targets["ind"][0, 0].item() == 3 * 10 + 5
     torch.testing.assert_close(targets["wh"][0, 0], torch.tensor([5.0, 4.0]))
