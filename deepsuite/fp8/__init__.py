@@ -9,10 +9,12 @@ the optimizer / DeepSpeed engine is built (TE conversion makes new Parameters).
 
 Selection rules:
 
-* a module is converted when it is an ``nn.Linear`` whose qualified name contains none of
-  ``cfg.exclude`` (lm_head, router, gate, embed, eh_proj by default), whose in/out features are
-  multiples of 16 (FP8 GEMM alignment) and whose weight is not shared with another module;
-  everything else stays and is listed in the summary with the reason;
+* a module is converted when it is an ``nn.Linear`` (or stacked ``GroupedExperts``) whose
+  qualified name is not matched by ``cfg.exclude`` (lm_head, router, gate, embed, eh_proj by
+  default; see `excluded_by`: entries match whole name components, so ``gate`` is the MoE router,
+  not ``gate_proj``), whose in/out features are multiples of 16 (FP8 GEMM alignment) and whose
+  weight is not shared with another module; everything else stays and is listed in the summary
+  with the reason;
 * ``cfg.backend``: ``auto`` = TE if importable on a CUDA device of compute capability ≥ 8.9,
   else native if ``torch._scaled_mm`` runs on the device, else bf16; ``te`` and ``native`` force
   a backend but still fall back (with a warning) when it cannot run.
@@ -21,6 +23,7 @@ Selection rules:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +41,7 @@ __all__ = [
     "Float8Quantized",
     "Float8Recipe",
     "dequantize",
+    "excluded_by",
     "fake_quantize",
     "native_scaling_for",
     "prepare_fp8",
@@ -86,7 +90,7 @@ class FP8Context:
             return "fp8: disabled"
         lines = [f"fp8: backend={self.backend}" + (f" recipe={self.recipe}" if self.recipe else "")]
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  converted {len(self.converted)} linear layers")
+        lines.append(f"  converted {len(self.converted)} modules (linear layers and stacked experts)")
         if self.skipped:
             lines.append(f"  kept in high precision ({len(self.skipped)}):")
             lines += [f"    {name}: {why}" for name, why in sorted(self.skipped.items())]
@@ -151,6 +155,19 @@ def native_scaling_for(cfg: FP8Config) -> tuple[dict[str, Any], list[str]]:
     return {"scaling": scaling, "power_of_two_scales": power_of_two}, notes
 
 
+def excluded_by(name: str, exclude: list[str]) -> list[str]:
+    """The entries of ``exclude`` that match the qualified module ``name``.
+
+    An entry matches a whole dot-separated component of the name (shell wildcards allowed:
+    ``embed*``), or, when it contains a dot, any substring of the name (``attn.wq``). So ``gate``
+    keeps the MoE router ``ffn.gate`` in high precision but not the SwiGLU ``gate_proj``.
+    """
+    parts = name.split(".")
+    return [
+        e for e in exclude if ("." in e and e in name) or any(fnmatch.fnmatchcase(p, e) for p in parts)
+    ]
+
+
 def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[str, str]]:
     """Names of the linear layers to convert, and the skipped ones with reasons."""
     owners: dict[int, int] = {}
@@ -162,7 +179,7 @@ def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[s
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, Float8Linear):
             continue
-        hits = [s for s in exclude if s in name]
+        hits = excluded_by(name, exclude)
         if hits:
             skipped[name] = f"excluded by name ({', '.join(hits)})"
         elif module.in_features % _ALIGN or module.out_features % _ALIGN:
@@ -200,6 +217,7 @@ def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config) -> FP8Context:
         ctx.recipe = ""
         ctx.skipped.update(dict.fromkeys(chosen, "no FP8 backend runs here"))
         return ctx
+    recipe: Float8Recipe | None = None
     if backend == "te":
         from deepsuite.fp8.te import build_recipe, linear_to_te
 
@@ -210,18 +228,15 @@ def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config) -> FP8Context:
         options, approx = native_scaling_for(fp8_cfg)
         ctx.notes += approx
         ctx.recipe = f"{fp8_cfg.recipe} (native {options['scaling']})"
+        recipe = Float8Recipe(**options)
         for name in chosen:
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear)
             _set_submodule(model, name, Float8Linear.from_linear(linear, **options))
     ctx.converted = chosen
-    _convert_experts(model, ctx, fp8_cfg)
-    logger.info(ctx.summary)
-    return ctx
-
-
-def _convert_experts(model: nn.Module, ctx: FP8Context, cfg: FP8Config) -> None:
-    """Stacked routed experts (``GroupedExperts``): see `deepsuite.fp8.experts`."""
     from deepsuite.fp8.experts import convert_grouped_experts
 
-    convert_grouped_experts(model, ctx, cfg)
+    exclude = list(fp8_cfg.exclude)
+    convert_grouped_experts(model, ctx, fp8_cfg, lambda name: excluded_by(name, exclude), recipe)
+    logger.info(ctx.summary)
+    return ctx
