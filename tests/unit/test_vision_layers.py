@@ -98,6 +98,14 @@ def test_complex_conv_equals_complex_dtype_convolution(kwargs):
     torch.testing.assert_close(torch.view_as_complex(out_pairs.contiguous()), expected)
 
 
+def test_complex_conv_rejects_ambiguous_inputs():
+    conv = ComplexConv2d(3, 2, 3)
+    with pytest.raises(ValueError, match="real, imag"):
+        conv(torch.randn(1, 3, 5, 5))  # real input without a (real, imag) last dimension
+    with pytest.raises(ValueError, match="batched"):
+        conv(torch.randn(3, 5, 5, dtype=torch.complex64))
+
+
 def test_complex_conv_gradients_match_complex_dtype_autograd():
     torch.manual_seed(2)
     conv = ComplexConv2d(3, 2, 3, padding=1).double()

@@ -15,11 +15,11 @@ HEATMAP_PRIOR_BIAS = -2.19
 def heatmap_peaks(
     heatmap: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` local maxima of ``(B, C, H, W)`` scores over all classes and positions.
+    """Top-``k`` local maxima of ``(B, C, H, W)`` scores (≥ 0, e.g. sigmoid outputs) over classes and positions.
 
     A position is a peak when it equals the max of its 3×3 neighbourhood (CenterNet's NMS-free
-    extraction). Returns ``scores, classes, ys, xs``, each ``(B, k)`` (k clipped to C·H·W),
-    sorted by score.
+    extraction); other positions count as 0. Returns ``scores, classes, ys, xs``, each ``(B, k)``
+    (k clipped to C·H·W), sorted by score.
     """
     b, c, h, w = heatmap.shape
     neighbourhood_max = F.max_pool2d(heatmap, kernel_size=3, stride=1, padding=1)

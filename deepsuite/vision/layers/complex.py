@@ -62,6 +62,10 @@ class ComplexConv2d(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Complex convolution of ``z`` (see the class docstring)."""
         x, y, native = split_complex(z)
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected batched (B, C, H, W) complex values, got real/imag parts of shape {tuple(x.shape)}"
+            )
         both = torch.cat((x, y), dim=0)  # (2B, C, H, W): one conv call per real weight
         a_xy, b_xy = self.conv_real(both).chunk(2, dim=0), self.conv_imag(both).chunk(2, dim=0)
         real = a_xy[0] - b_xy[1]  # A*x − B*y

@@ -19,7 +19,11 @@ NORMS = ("backward", "ortho", "forward")
 
 
 def dft_matrix(
-    n: int, inverse: bool = False, norm: str = "backward", dtype: torch.dtype = torch.complex128, device=None
+    n: int,
+    inverse: bool = False,
+    norm: str = "backward",
+    dtype: torch.dtype = torch.complex128,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """The ``(n, n)`` DFT matrix ``W[k, j] = scale · exp(∓2πi·jk/n)``.
 

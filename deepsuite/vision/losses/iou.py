@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepsuite.vision.boxes import distance_box_iou, generalized_box_iou, to_xyxy
+from deepsuite.vision.boxes import check_box_format, distance_box_iou, generalized_box_iou, to_xyxy
 from deepsuite.vision.losses._reduce import check_reduction, reduce_loss
 
 
 class _BoxLoss(nn.Module):
     def __init__(self, box_format: str = "xyxy", reduction: str = "mean", eps: float = 1e-7) -> None:
         super().__init__()
-        to_xyxy(torch.zeros(4), box_format)  # validates the format
+        check_box_format(box_format)
         check_reduction(reduction)
         self.box_format = box_format
         self.reduction = reduction
