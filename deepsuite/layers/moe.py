@@ -41,6 +41,8 @@ class MoERouter(nn.Module):
     scores the sum of its top-2 biased scores (sigmoid) or its best score (softmax, as V2).
     """
 
+    e_score_correction_bias: torch.Tensor
+
     def __init__(
         self,
         d_model: int,
@@ -189,6 +191,8 @@ class DeepSeekMoE(nn.Module):
     each training forward leaves the sequence-wise balance loss in ``moe.aux_loss`` for the model to
     add to its loss.
     """
+
+    tokens_per_expert: torch.Tensor
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -91,8 +92,10 @@ def to_deepsuite(hf_model: Any, mtp_depth: int = 0) -> DeepSeekV3:
     with torch.device("meta"):
         model = DeepSeekV3(args)
     model = model.to_empty(device="cpu")
-    model.init_weights()
-    model.load_state_dict(hf_adapter.state_dict_from_hf(hf_model.state_dict(), args), strict=True)
+    model.init_weights()  # MTP modules (absent from transformers' model) stay randomly initialised
+    sd = hf_adapter.state_dict_from_hf(hf_model.state_dict(), dataclasses.replace(args))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("mtp.") for k in missing)
     return model.eval()
 
 
@@ -202,3 +205,33 @@ def test_config_roundtrip_and_transformers_reads_ours() -> None:
     ids = torch.randint(0, BASE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_load_hf_reads_a_transformers_folder(tmp_path: Any) -> None:
+    from deepsuite.models import load_hf
+
+    hf = random_hf_model(CONFIGS["q_lora_yarn_groups"])
+    hf.save_pretrained(tmp_path)  # num_nextn_predict_layers=1 but no MTP weights
+    ours = load_hf(tmp_path).eval()
+    assert ours.args.mtp_depth == 0
+    ids = torch.randint(0, BASE["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_save_hf_is_read_by_transformers_and_keeps_mtp(tmp_path: Any) -> None:
+    from deepsuite.models import load_hf, save_hf
+
+    hf = random_hf_model(CONFIGS["all_moe_two_shared"])
+    ours = to_deepsuite(hf, mtp_depth=1)
+    with torch.no_grad():
+        ours.mtp[0].eh_proj.weight.normal_()
+    save_hf(ours, tmp_path)
+    again = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ours(ids), atol=1e-4, rtol=0)
+    reloaded = load_hf(tmp_path)
+    assert reloaded.args == ours.args
+    for (name, a), b in zip(ours.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -37,8 +37,8 @@ def yarn_inv_freq(
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low = float(max(math.floor(correction_dim(beta_fast)), 0))
+    high = float(min(math.ceil(correction_dim(beta_slow)), dim - 1))
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
@@ -74,6 +74,9 @@ class RotaryPositionEmbedding(nn.Module):
     ``rope(q, k, start_pos=0)`` rotates queries and keys ``(B, H, T, dim)`` at positions
     ``start_pos + t``; ``cos_sin(start_pos, T)`` gives the tables for `apply_rotary`.
     """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(
         self,

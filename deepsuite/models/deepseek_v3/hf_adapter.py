@@ -249,11 +249,27 @@ def _block_from_hf(
         raise KeyError(f"unknown DeepSeek-V3 weight {sub!r} (under {prefix!r})")
 
 
+def mtp_layers_present(sd: dict[str, torch.Tensor], args: DeepSeekV3Config) -> int:
+    """How many MTP modules ``sd`` (HF names) holds: consecutive layer indices from ``n_layers``."""
+    present = {int(m.group(1)) for k in sd if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
+    depth = 0
+    while args.n_layers + depth in present:
+        depth += 1
+    return depth
+
+
 def state_dict_from_hf(sd: dict[str, torch.Tensor], args: DeepSeekV3Config) -> dict[str, torch.Tensor]:
-    """HF/DeepSeek names (per-expert or stacked experts) -> deepsuite state dict."""
+    """HF/DeepSeek names (per-expert or stacked experts) -> deepsuite state dict.
+
+    transformers' own ``save_pretrained`` writes ``num_nextn_predict_layers: 1`` but no MTP weights;
+    when ``sd`` holds fewer MTP modules than ``args.mtp_depth`` asks for, ``args.mtp_depth`` is
+    lowered in place to what is there (``load_hf`` builds the model from ``args`` afterwards), so
+    such folders load as models without MTP instead of failing on missing keys.
+    """
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     n = args.n_layers
+    args.mtp_depth = min(args.mtp_depth, mtp_layers_present(sd, args))
     for key, t in sd.items():
         if key == "model.embed_tokens.weight":
             out["embed.weight"] = t
