@@ -151,7 +151,9 @@ def native_scaling_for(cfg: FP8Config) -> tuple[dict[str, Any], list[str]]:
         notes.append(f"native path has no amax history: recipe 'delayed' runs as current {scaling} scaling")
     elif cfg.recipe == "mxfp8":
         scaling, power_of_two = "block", True
-        notes.append("native path has no MX format: recipe 'mxfp8' runs as 1×128/128×128 blocks with power-of-two scales")
+        notes.append(
+            "native path has no MX format: recipe 'mxfp8' runs as 1×128/128×128 blocks with power-of-two scales"
+        )
     return {"scaling": scaling, "power_of_two_scales": power_of_two}, notes
 
 
@@ -163,9 +165,7 @@ def excluded_by(name: str, exclude: list[str]) -> list[str]:
     keeps the MoE router ``ffn.gate`` in high precision but not the SwiGLU ``gate_proj``.
     """
     parts = name.split(".")
-    return [
-        e for e in exclude if ("." in e and e in name) or any(fnmatch.fnmatchcase(p, e) for p in parts)
-    ]
+    return [e for e in exclude if ("." in e and e in name) or any(fnmatch.fnmatchcase(p, e) for p in parts)]
 
 
 def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -183,7 +183,9 @@ def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[s
         if hits:
             skipped[name] = f"excluded by name ({', '.join(hits)})"
         elif module.in_features % _ALIGN or module.out_features % _ALIGN:
-            skipped[name] = f"in/out features {module.in_features}/{module.out_features} not multiples of {_ALIGN}"
+            skipped[name] = (
+                f"in/out features {module.in_features}/{module.out_features} not multiples of {_ALIGN}"
+            )
         elif owners.get(id(module.weight), 0) > 1:
             skipped[name] = "weight shared with another module (tied)"
         elif module.weight.device.type == "meta":

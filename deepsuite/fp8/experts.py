@@ -130,7 +130,9 @@ if GroupedExperts is not None:
         def to_stacked_state_dict(self) -> dict[str, torch.Tensor]:
             """``{"gate_up_proj": [E, 2I, D], "down_proj": [E, D, I]}`` (the plain layout)."""
             return {
-                "gate_up_proj": torch.stack([getattr(self.gate_up, f"weight{e}") for e in range(self.n_experts)]),
+                "gate_up_proj": torch.stack(
+                    [getattr(self.gate_up, f"weight{e}") for e in range(self.n_experts)]
+                ),
                 "down_proj": torch.stack([getattr(self.down, f"weight{e}") for e in range(self.n_experts)]),
             }
 
@@ -154,7 +156,9 @@ def convert_grouped_experts(
             ctx.skipped[name] = f"excluded by name ({', '.join(hits)})"
             continue
         if experts.d_model % _ALIGN or experts.d_ffn % _ALIGN:
-            ctx.skipped[name] = f"expert dims d_model={experts.d_model}, d_ffn={experts.d_ffn} not multiples of {_ALIGN}"
+            ctx.skipped[name] = (
+                f"expert dims d_model={experts.d_model}, d_ffn={experts.d_ffn} not multiples of {_ALIGN}"
+            )
             continue
         if experts.gate_up_proj.device.type == "meta":
             ctx.skipped[name] = "on the meta device (materialise the model first)"

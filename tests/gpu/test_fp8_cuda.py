@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from deepsuite.config.schema import FP8Config
 from deepsuite.fp8 import Float8Linear, prepare_fp8
 from deepsuite.fp8.native import _direct_block_layout, _mm_block_kslices, scaled_matmul
-from deepsuite.fp8.quant import BLOCK_128x128, E4M3, E5M2, ROWWISE, TENSORWISE, TILE_1x128, quantize
+from deepsuite.fp8.quant import E4M3, E5M2, ROWWISE, TENSORWISE, BLOCK_128x128, TILE_1x128, quantize
 
 pytestmark = pytest.mark.gpu
 
@@ -55,10 +57,13 @@ def test_scaled_matmul_equals_dequantised_product(block_a, block_b, dtype_a) -> 
 
 
 @needs_hopper
-def test_block_scaled_mm_probe_consistent() -> None:
-    """Whatever the probe chose (direct block-scaled cuBLAS call or K-slice sums), the result
-    matches the K-slice reference; prints which one is used."""
-    layout = _direct_block_layout("cuda", 128, E4M3)
+def test_block_scaled_mm_probe_consistent(caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever the probe chose (direct block-scaled cuBLAS call or the bf16 fallback), the result
+    matches the K-slice reference; prints which one is used and why."""
+    _direct_block_layout.cache_clear()
+    with caplog.at_level(logging.INFO, logger="deepsuite.fp8.native"):
+        layout = _direct_block_layout("cuda", 128, E4M3)
+    print("\n".join(r.getMessage() for r in caplog.records))
     print(f"direct block-scaled _scaled_mm layout: {layout}")
     torch.manual_seed(1)
     a = quantize(torch.randn(512, 1024, device="cuda"), TILE_1x128, E4M3)

@@ -46,7 +46,9 @@ def time_fn(fn: Callable[[], Any], device: str | torch.device, warmup: int = 2, 
     return times[len(times) // 2]
 
 
-def matmul_peak_flops(device: str | torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 5) -> float:
+def matmul_peak_flops(
+    device: str | torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 5
+) -> float:
     """Measured FLOP/s of an ``n × n × n`` matmul in ``dtype`` on ``device`` (the MFU denominator).
 
     Default ``n``: 8192 on CUDA, 2048 on CPU. Random normal inputs (zeros run faster on GPUs).
@@ -107,7 +109,9 @@ def env_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     info: dict[str, Any] = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -24,10 +24,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import RESULTS_DIR, env_info, print_table, time_fn, write_json  # noqa: E402
+from common import RESULTS_DIR, env_info, print_table, time_fn, write_json
 
-from deepsuite.fp8 import Float8Linear  # noqa: E402
-from deepsuite.fp8.native import scaled_mm_unusable_reason  # noqa: E402
+from deepsuite.fp8 import Float8Linear
+from deepsuite.fp8.native import scaled_mm_unusable_reason
 
 SCALINGS = ("tensorwise", "rowwise", "block")
 
@@ -37,7 +37,8 @@ def _default_device() -> str:
 
 
 def linear_throughput(device: str, quick: bool, compile_fp8: bool = False) -> list[dict[str, Any]]:
-    """TFLOP/s of forward+backward (3 matmuls) of ``(M, K) @ (K, N)`` in bf16 vs FP8."""
+    """TFLOP/s of forward+backward (3 matmuls) of ``(M, K) @ (K, N)`` in bf16 vs FP8; with
+    ``compile_fp8`` also ``torch.compile``d (fuses the quantisation), each against compiled bf16."""
     if device == "cuda":
         shapes = [(8192, 4096, 4096), (16384, 8192, 8192)] if not quick else [(8192, 4096, 4096)]
     else:
@@ -49,23 +50,30 @@ def linear_throughput(device: str, quick: bool, compile_fp8: bool = False) -> li
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(m, n, device=device, dtype=torch.bfloat16)
 
-        def step(layer: nn.Module) -> None:
+        def step(layer: nn.Module, x: torch.Tensor = x, g: torch.Tensor = g) -> None:
             layer(x).backward(g)
 
         flops = 3 * 2 * m * k * n
-        t_ref = time_fn(lambda: step(ref), device, warmup=2, iters=5)
+        t_ref = time_fn(lambda ref=ref: step(ref), device, warmup=2, iters=5)
         row: dict[str, Any] = {"M,K,N": f"{m},{k},{n}", "bf16_tflops": flops / t_ref / 1e12}
+        if compile_fp8:
+            ref_c = torch.compile(ref)
+            t_ref_c = time_fn(lambda ref_c=ref_c: step(ref_c), device, warmup=2, iters=5)
+            row["bf16_compiled_tflops"] = flops / t_ref_c / 1e12
         for scaling in SCALINGS:
-            layer: nn.Module = Float8Linear.from_linear(ref, scaling=scaling)
-            if compile_fp8:
-                layer = torch.compile(layer)
-            try:
-                t = time_fn(lambda layer=layer: step(layer), device, warmup=2, iters=5)
-            except Exception as err:  # one scaling failing must not hide the others
-                row[f"{scaling}_error"] = f"{type(err).__name__}: {str(err)[:120]}"
-                continue
-            row[f"{scaling}_tflops"] = flops / t / 1e12
-            row[f"{scaling}_speedup"] = t_ref / t
+            variants: list[tuple[str, bool]] = [("", False)] + ([("_compiled", True)] if compile_fp8 else [])
+            for suffix, use_compile in variants:
+                layer: nn.Module = Float8Linear.from_linear(ref, scaling=scaling)
+                if use_compile:
+                    layer = torch.compile(layer)
+                key = f"{scaling}{suffix}"
+                try:
+                    t = time_fn(lambda layer=layer: step(layer), device, warmup=2, iters=5)
+                except Exception as err:  # one variant failing must not hide the others
+                    row[f"{key}_error"] = f"{type(err).__name__}: {str(err)[:120]}"
+                    continue
+                row[f"{key}_tflops"] = flops / t / 1e12
+                row[f"{key}_speedup"] = (t_ref_c if use_compile else t_ref) / t
         rows.append(row)
     return rows
 
@@ -85,7 +93,7 @@ def _corpus_tokens(vocab_size: int, n_tokens: int) -> tuple[torch.Tensor, str]:
         data = torch.tensor(list(text.encode("utf-8")[:n_tokens]), dtype=torch.long)
         if vocab_size >= 256 and data.numel() >= n_tokens // 2:
             return data, "shakespeare bytes"
-    except Exception:  # noqa: S110 - fall back to synthetic data below
+    except Exception:
         pass
     gen = torch.Generator().manual_seed(0)
     vocab = min(vocab_size, 256)
@@ -203,7 +211,9 @@ def _plot(bf16: list[float], fp8: list[float], title: str, device: str) -> Path:
     return path
 
 
-def run(quick: bool = False, device: str | None = None, train: bool = False, steps: int = 300) -> dict[str, Any]:
+def run(
+    quick: bool = False, device: str | None = None, train: bool = False, steps: int = 300
+) -> dict[str, Any]:
     """Linear-layer throughput FP8 vs bf16 (and with ``train`` the loss-gap run) as a JSON-able dict."""
     device = device or _default_device()
     reason = scaled_mm_unusable_reason(device)
@@ -211,7 +221,7 @@ def run(quick: bool = False, device: str | None = None, train: bool = False, ste
     if reason is not None:
         result["skipped"] = reason
         return result
-    result["linear"] = linear_throughput(device, quick)
+    result["linear"] = linear_throughput(device, quick, compile_fp8=device == "cuda")
     if device == "cpu":
         result["note"] = "CPU torch._scaled_mm is an emulation: CPU speed ratios are not meaningful"
     if train:
@@ -220,7 +230,9 @@ def run(quick: bool = False, device: str | None = None, train: bool = False, ste
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes / fewer steps")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--train", action="store_true", help="also run FP8 vs bf16 training")
