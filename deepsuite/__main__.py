@@ -1,0 +1,5 @@
+"""`python -m deepsuite …` is the `deepsuite` command."""
+
+from deepsuite.cli import main
+
+raise SystemExit(main())

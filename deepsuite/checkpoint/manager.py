@@ -1,0 +1,416 @@
+"""Training checkpoints: DeepSpeed's engine state plus deepsuite's own, written so a kill at any
+moment leaves the previous checkpoint loadable.
+
+Layout of `checkpoint.dir`::
+
+    latest                  # "step_N": the newest complete checkpoint (replaced atomically, last)
+    step_N/
+      deepspeed/…           # engine.save_checkpoint (model, optimizer, LR scheduler; ZeRO shards)
+      rng/rank_00000.json   # every RNG of each rank
+      config.yaml           # the resolved run config
+      tokenizer.model       # copy of the tokenizer, so the folder is self-contained
+      state.json            # written last: step, sampler position, tokens seen, model config,
+                            # and a manifest (path → bytes) of every other file
+
+Save sequence: everything goes to `tmp-step_N/`; `state.json` is written last and fsynced; the folder
+is renamed to `step_N/`; then `latest` is replaced (write + fsync + `os.replace`); only then are old
+checkpoints beyond `keep_last` deleted. Loading never unpickles freely: every DeepSpeed file is first
+read with torch's weights-only unpickler (tensors, containers and a short allowlist of DeepSpeed
+classes), and the engine's own reads are routed through it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from deepsuite.checkpoint.rng import capture_rng_state, restore_rng_state
+from deepsuite.config.loader import config_to_dict, resolve_model_args
+from deepsuite.config.schema import Config
+
+STATE_FILE = "state.json"
+LATEST_FILE = "latest"
+DS_TAG = "deepspeed"
+STATE_FORMAT = 1
+_STEP_RE = re.compile(r"^step_(\d+)$")
+PAUSE_ENV = "DEEPSUITE_TEST_PAUSE_AT"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, unsafe or does not fit the current run."""
+
+
+def _pause_point(point: str, step: int) -> None:
+    """Test hook: with DEEPSUITE_TEST_PAUSE_AT=<point>@<step>, announce the point and wait to be killed."""
+    if os.environ.get(PAUSE_ENV) == f"{point}@{step}":
+        print(f"DEEPSUITE_TEST_PAUSED {point}@{step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    _fsync_file(path)
+
+
+def model_signature(cfg: Config) -> dict[str, Any]:
+    """The model family and its resolved args: what a checkpoint's weights depend on."""
+    args = resolve_model_args(cfg.model)
+    return {"name": cfg.model.name, "args": dataclasses.asdict(args)}
+
+
+def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the `step_N` folders in `ckpt_dir`, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def check_writable(ckpt_dir: Path) -> None:
+    """Create `ckpt_dir` if needed and make sure files can be written in it."""
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint.dir={str(ckpt_dir)!r} is not writable ({exc.strerror}); choose a writable folder"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def save_checkpoint(
+    engine: Any,
+    ckpt_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    sampler_state: dict[str, int],
+    tokens_seen: int,
+    tokenizer_path: str | os.PathLike[str] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `ckpt_dir/step_<step>` (collective: every rank calls it) and return its path."""
+    from deepsuite.parallel.dist import barrier
+
+    root = Path(ckpt_dir)
+    name = f"step_{step}"
+    tmp = root / f"tmp-{name}"
+    final = root / name
+    if rank == 0:
+        check_writable(root)
+        for stale in root.glob("tmp-step_*"):  # leftovers of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    _pause_point("tmp_created", step)
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    rng_dir = tmp / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    _write_durable(rng_dir / f"rank_{rank:05d}.json", json.dumps(capture_rng_state()))
+    barrier()
+    _pause_point("engine_saved", step)
+    if rank == 0:
+        import yaml
+
+        _write_durable(tmp / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                _fsync_file(p)
+                files[p.relative_to(tmp).as_posix()] = p.stat().st_size
+        state = {
+            "format": STATE_FORMAT,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "sampler": sampler_state,
+            "world_size": world_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "model": model_signature(cfg),
+            "tokenizer": str(tokenizer_path) if tokenizer_path else "",
+            "extra": extra or {},
+            "files": files,
+        }
+        _write_durable(tmp / STATE_FILE, json.dumps(state, indent=1))
+        for d in {tmp, *(p.parent for p in tmp.rglob("*"))}:
+            _fsync_dir(d)
+        _pause_point("state_written", step)
+        if final.exists():  # re-saving a step (e.g. after resuming from an older one)
+            trash = root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _pause_point("renamed", step)
+        pointer = root / f".{LATEST_FILE}.tmp"
+        _write_durable(pointer, name + "\n")
+        os.replace(pointer, root / LATEST_FILE)
+        _fsync_dir(root)
+        _pause_point("latest_updated", step)
+        rotate(root, cfg.checkpoint.keep_last)
+    barrier()
+    return final
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last` (never the one `latest` names)."""
+    latest = read_latest(root)
+    complete = [p for _, p in step_dirs(root) if (p / STATE_FILE).is_file()]
+    removed = []
+    for p in complete[: max(0, len(complete) - keep_last)]:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    for trash in root.glob(".trash-step_*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------- finding
+
+
+def read_latest(root: Path) -> Path | None:
+    """The folder named by `root/latest`, or None when there is no pointer."""
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not _STEP_RE.match(name):
+        raise CheckpointError(
+            f"{pointer} is corrupt (holds {name[:40]!r}); delete it to resume from the newest step_N"
+        )
+    return root / name
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder from a step folder or a run folder (through `latest`, else the newest
+    complete `step_N`)."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file() or _STEP_RE.match(p.name):
+        if not p.is_dir():
+            raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist; give a run folder or a step_N folder")
+    latest = read_latest(p)
+    if latest is not None and (latest / STATE_FILE).is_file():
+        return latest
+    complete = [d for _, d in step_dirs(p) if (d / STATE_FILE).is_file()]
+    if complete:
+        return complete[-1]
+    if latest is not None:
+        raise CheckpointError(f"{p / LATEST_FILE} names {latest.name}, which is missing or incomplete")
+    raise CheckpointError(f"no checkpoint in {str(p)!r} (no `latest` and no complete step_N folder)")
+
+
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike[str]) -> Path | None:
+    """`checkpoint.resume` → the folder to load: `never` → None; `auto` → the newest complete
+    checkpoint in `ckpt_dir` or None when there is none; otherwise the path given."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        root = Path(ckpt_dir)
+        if read_latest(root) is None and not step_dirs(root):
+            return None
+        return find_checkpoint(root)
+    return find_checkpoint(resume)
+
+
+# ---------------------------------------------------------------------------------------- checking
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder."""
+    f = path / STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {STATE_FILE}); it was interrupted while saving"
+        )
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({exc})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown {STATE_FILE} format")
+    return state
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check that a checkpoint is complete (every manifest file present with its size) and safe (every
+    DeepSpeed file loads with the weights-only unpickler); return its state."""
+    from deepsuite.parallel.deepspeed import safe_torch_load
+
+    p = Path(path)
+    state = read_state(p)
+    for rel, size in state["files"].items():
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {p} is corrupt: {rel} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {p} is corrupt: {rel} has {f.stat().st_size} bytes, the manifest says {size}"
+            )
+    for f in sorted((p / DS_TAG).rglob("*.pt")):
+        try:
+            safe_torch_load(f, map_location="cpu")
+        except Exception as exc:  # pickle errors come as several exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "Unsupported global" in str(exc) or "weights_only" in str(exc).lower():
+                first = next(
+                    (ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), first
+                )
+                raise CheckpointError(
+                    f"refusing to load {f}: it contains a pickled object that is not tensor data ({first}); "
+                    "a checkpoint that names arbitrary code is never unpickled"
+                ) from None
+            raise CheckpointError(
+                f"checkpoint {p} is corrupt: {f.relative_to(p)} cannot be read ({first})"
+            ) from None
+    return state
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, path: Path, world_size: int) -> None:
+    """Refuse a checkpoint of another model config (naming the field) or an unsupported world change."""
+    current = model_signature(cfg)
+    saved = state["model"]
+    if saved["name"] != current["name"]:
+        raise CheckpointError(
+            f"checkpoint {path} holds a model.name={saved['name']!r} model, the config asks for "
+            f"{current['name']!r}; resume with the same model or set checkpoint.resume=never"
+        )
+    for key in sorted(set(saved["args"]) | set(current["args"])):
+        a, b = saved["args"].get(key), current["args"].get(key)
+        if a != b:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with model.{key}={a!r} but the config has model.{key}={b!r}; "
+                "resume with the same model config, or start fresh with checkpoint.resume=never "
+                "(or another checkpoint.dir)"
+            )
+    if state["zero_stage"] > 0 and state["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
+            f"resuming on {world_size} ranks is not supported (its optimizer shards are per rank). "
+            "Resume with the same number of ranks, or convert it with `deepsuite convert zero-to-hf`."
+        )
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int) -> dict[str, Any]:
+    """Restore the engine (weights, optimizer, LR scheduler) and this rank's RNGs; return the state.
+
+    Call `verify_checkpoint` and `check_compatible` first.
+    """
+    from deepsuite.parallel.deepspeed import make_checkpoint_loading_safe
+
+    state = read_state(path)
+    make_checkpoint_loading_safe(engine)
+    load_path, _ = engine.load_checkpoint(
+        str(path),
+        tag=DS_TAG,
+        load_module_strict=True,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no engine state in {path / DS_TAG}")
+    rng_file = path / "rng" / f"rank_{rank:05d}.json"
+    if rng_file.is_file():
+        restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    else:
+        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank} ({rng_file.name})")
+    return state
+
+
+def load_config_of(path: Path) -> Config:
+    """The resolved run config stored in a checkpoint."""
+    from deepsuite.config.loader import config_from_dict, read_yaml
+
+    return config_from_dict(read_yaml(path / "config.yaml"))
+
+
+def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The model's full fp32 state dict from a checkpoint folder (any ZeRO stage)."""
+    import torch
+
+    from deepsuite.parallel.deepspeed import safe_torch_load
+
+    tag_dir = path / DS_TAG
+    if state["zero_stage"] == 0:
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"checkpoint {path} has no model states file in {tag_dir}")
+        sd = safe_torch_load(files[0], map_location="cpu")["module"]
+        return {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
+    from deepsuite.parallel.deepspeed import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # DeepSpeed's consolidation unpickles freely; verify_checkpoint() has already proven every
+    # file loads with the weights-only unpickler.
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[Any, dict[str, Any], Config]:
+    """(model with the checkpoint's weights in fp32, state, run config) — for generation and conversion."""
+    from deepsuite.checkpoint.hf_io import load_state_dict_strict
+    from deepsuite.models.registry import build_model
+
+    p = find_checkpoint(path)
+    state = verify_checkpoint(p)
+    cfg = load_config_of(p)
+    model = build_model(cfg.model, device=device)
+    sd = consolidated_state_dict(p, state)
+    load_state_dict_strict(model, sd, source=str(p))
+    model.eval()
+    return model, state, cfg

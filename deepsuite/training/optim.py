@@ -1,0 +1,68 @@
+"""The optimizer (torch AdamW with weight-decay groups) and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from deepsuite.config.schema import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay for weight matrices; none for biases, norms, embeddings and any 1-D
+    tensor. Tied parameters appear once."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        lowered = name.lower()
+        if p.ndim < 2 or id(p) in embedding_ids or "norm" in lowered or lowered.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW over `param_groups(model)` (handed to DeepSpeed, which needs no JIT build for it)."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        fused=cfg.fused or None,
+    )
+
+
+def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR for optimizer step `s` (0-based): linear warmup over
+    `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at `total_steps` (or constant)."""
+    warmup = schedule.warmup_steps
+    floor = schedule.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule.decay == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`torch.optim.lr_scheduler.LambdaLR` with `lr_factor` (DeepSpeed steps it once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, total_steps))

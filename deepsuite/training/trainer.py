@@ -1,0 +1,448 @@
+"""The training loop: one DeepSpeed engine, a world of one or many ranks, exact resume.
+
+`train(cfg)` prepares the world, data, model, optimizer and engine, optionally resumes from a
+checkpoint, then runs `training.steps` optimizer steps of `gradient_accumulation_steps`
+micro-batches each, evaluating, logging and checkpointing on the way, and prints a text sample.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepsuite.config.errors import ConfigError
+from deepsuite.config.loader import config_to_dict, dump_config, resolve_model_args
+from deepsuite.config.schema import Config
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did."""
+
+    start_step: int = 0
+    end_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    checkpoint: str = ""
+    sample: str = ""
+
+
+def _say(dims: Any, text: str) -> None:
+    if dims.is_main:
+        print(text, flush=True)
+
+
+def configure_model(model: nn.Module, cfg: Config) -> None:
+    """Set the plain attributes the model reads: loss kernel options and attention backend."""
+    model.loss_backend = cfg.loss.backend  # type: ignore[assignment]
+    model.loss_chunk_size = cfg.loss.chunk_size  # type: ignore[assignment]
+    model.label_smoothing = cfg.loss.label_smoothing  # type: ignore[assignment]
+    for module in model.modules():
+        if hasattr(module, "attention_backend"):
+            module.attention_backend = cfg.attention.backend  # type: ignore[assignment]
+
+
+def mtp_lambda_at(cfg: Config, step: int) -> float:
+    """λ of the MTP loss for optimizer step `step` (0-based)."""
+    t = cfg.training
+    return t.mtp_lambda if step < t.mtp_lambda_switch * t.steps else t.mtp_lambda_after
+
+
+def describe_layout(cfg: Config, dims: Any, layout: Any, ds_config: dict[str, Any]) -> str:
+    """The parallel layout as a few lines of text (for --dry-run and the start of a run)."""
+    return "\n".join(
+        [
+            f"world: {dims.world_size} rank(s); data parallel {dims.dp_size}, expert parallel {dims.ep_size}",
+            f"batch: global {layout.global_batch_size} = micro {layout.micro_batch_size} × accumulation "
+            f"{layout.gradient_accumulation_steps} × data-parallel {layout.dp_size}; "
+            f"{layout.global_batch_size * cfg.training.seq_len:,} tokens per step",
+            f"engine: DeepSpeed ZeRO-{cfg.parallel.zero_stage}, {cfg.training.dtype}, "
+            f"gradient clipping {ds_config['gradient_clipping']}, activation checkpointing "
+            f"{cfg.parallel.activation_checkpointing}, compile {cfg.parallel.compile}",
+        ]
+    )
+
+
+def _prepare_fp8(model: nn.Module, cfg: Config) -> Any:
+    if not cfg.fp8.enabled:
+        return None
+    try:
+        from deepsuite.fp8 import prepare_fp8
+    except ImportError as exc:
+        raise NotImplementedError(
+            f"fp8.enabled=true needs deepsuite.fp8.prepare_fp8, which is missing ({exc})"
+        ) from None
+    return prepare_fp8(model, cfg.fp8)
+
+
+def _grad_norm(model: nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+class Trainer:
+    """Owns the engine, data and state of one training run (see `train`)."""
+
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        from deepsuite.checkpoint.manager import (
+            check_compatible,
+            check_writable,
+            resolve_resume,
+            verify_checkpoint,
+        )
+        from deepsuite.data import TokenShards, WindowSampler, read_meta
+        from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
+        from deepsuite.parallel.dist import init_distributed
+
+        self.cfg = cfg
+        self.dims = init_distributed(cfg.parallel.backend, cfg.parallel.ep_size)
+        self.layout = resolve_batch(cfg.training, self.dims.dp_size)
+        self.ds_config = build_ds_config(cfg, self.dims)
+        self.device = self.dims.device
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        if self.dims.is_main:
+            check_writable(self.ckpt_dir)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / ".write-test").write_text("")
+                (self.run_dir / ".write-test").unlink()
+            except OSError as exc:
+                raise ConfigError(
+                    f"logging.run_dir={str(self.run_dir)!r} is not writable ({exc.strerror}); choose a writable folder"
+                ) from None
+
+        # data
+        data_dir = Path(cfg.data.out_dir)
+        self.meta = read_meta(data_dir)
+        self.tokenizer_path = data_dir / self.meta["tokenizer"]
+        args = resolve_model_args(cfg.model)
+        vocab = getattr(args, "vocab_size", None)
+        if vocab is not None and vocab < self.meta["vocab_size"]:
+            raise ConfigError(
+                f"model.vocab_size={vocab} is smaller than the tokenizer's {self.meta['vocab_size']} pieces "
+                f"(in {data_dir}); set model.vocab_size={self.meta['vocab_size']}"
+            )
+        self.train_data = TokenShards(data_dir, "train")
+        self.val_data = TokenShards(data_dir, "val")
+        self.sampler = WindowSampler(self.train_data, cfg.training.seq_len, seed=cfg.data.seed)
+
+        # which checkpoint (checked before the expensive part)
+        self.resume_from = resolve_resume(resume or cfg.checkpoint.resume, self.ckpt_dir)
+        if self.resume_from is not None:
+            state = verify_checkpoint(self.resume_from)
+            check_compatible(state, cfg, self.resume_from, self.dims.world_size)
+
+        self.engine = self._build_engine()
+        self.step = 0
+        self.tokens_seen = 0
+        self.val_losses: dict[int, float] = {}
+
+    # -------------------------------------------------------------------------------- building
+    def _build_engine(self) -> Any:
+        from deepsuite.checkpoint.rng import seed_everything
+        from deepsuite.models.registry import build_model, get_model_spec
+        from deepsuite.parallel.deepspeed import initialize_engine
+        from deepsuite.training.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        seed_everything(cfg.training.seed)
+        model = build_model(cfg.model, device=self.device)
+        configure_model(model, cfg)
+        spec = get_model_spec(cfg.model.name)
+        model = spec.parallelize_fn()(model, self.dims, cfg)
+        self.fp8 = _prepare_fp8(model, cfg)
+        if self.fp8 is not None:
+            _say(self.dims, str(getattr(self.fp8, "summary", "")))
+        self.model = model
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.steps)
+        engine = initialize_engine(model, optimizer, scheduler, self.ds_config)
+        # the same seed on every rank gave identical initial weights; from here each rank draws
+        # its own numbers (dropout) from a rank-dependent seed
+        seed_everything(cfg.training.seed + 1_000_003 * self.dims.rank)
+        return engine
+
+    @property
+    def has_moe(self) -> bool:
+        from deepsuite.parallel.balancing import moe_layers
+
+        return bool(moe_layers(self.model))
+
+    # ---------------------------------------------------------------------------------- state
+    def load(self) -> None:
+        """Resume from `self.resume_from` (if any)."""
+        from deepsuite.checkpoint.manager import load_checkpoint
+
+        if self.resume_from is None:
+            return
+        state = load_checkpoint(self.engine, self.resume_from, self.dims.rank)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        _say(self.dims, f"resumed from {self.resume_from} at step {self.step}")
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step."""
+        from deepsuite.checkpoint.manager import save_checkpoint
+
+        path = save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            cfg=self.cfg,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            sampler_state=self.sampler.state_dict(),
+            tokens_seen=self.tokens_seen,
+            tokenizer_path=self.tokenizer_path,
+        )
+        return path
+
+    # ----------------------------------------------------------------------------------- steps
+    def _autocast(self) -> Any:
+        return self.fp8.autocast() if self.fp8 is not None else nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its metrics."""
+        from deepsuite.data import rank_slice
+        from deepsuite.parallel.balancing import update_router_biases
+        from deepsuite.parallel.dist import all_reduce_mean
+
+        engine, layout, cfg = self.engine, self.layout, self.cfg
+        if hasattr(self.model, "mtp_lambda"):
+            self.model.mtp_lambda = mtp_lambda_at(cfg, self.step)  # type: ignore[assignment]
+        starts = rank_slice(
+            self.sampler.next_starts(layout.global_batch_size), self.dims.dp_rank, self.dims.dp_size
+        )
+        micro = layout.micro_batch_size
+        gas = layout.gradient_accumulation_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_norm: float | None = None
+        lr = float(engine.get_lr()[0])
+        for m in range(gas):
+            inputs, labels = self.sampler.batch(starts[m * micro : (m + 1) * micro])
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            with self._autocast():
+                out = engine(inputs, labels=labels)
+            engine.backward(out.loss)
+            loss_sum += out.loss.detach().double()
+            if m == gas - 1:
+                loss = float(all_reduce_mean(loss_sum / gas))
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"non-finite loss ({loss}) at step {self.step + 1}; stopped without saving a checkpoint "
+                        "(lower optim.lr, raise schedule.warmup_steps, or check the data)"
+                    )
+                if cfg.parallel.zero_stage == 0 and cfg.training.dtype == "fp32":
+                    grad_norm = _grad_norm(self.model)  # DeepSpeed reports none for plain fp32
+            engine.step()
+        reported = engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
+        self.step += 1
+        self.tokens_seen += layout.global_batch_size * cfg.training.seq_len
+        metrics: dict[str, float] = {"loss": loss, "lr": lr}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        if self.has_moe:
+            metrics.update(update_router_biases(self.model, cfg.training.router_bias_update_rate))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over fixed windows (the same every time, whatever the world size)."""
+        from deepsuite.data import eval_starts, windows_batch
+        from deepsuite.parallel.dist import all_reduce_sum
+
+        cfg = self.cfg
+        micro, world = self.layout.micro_batch_size, self.dims.dp_size
+        starts = eval_starts(self.val_data, cfg.training.seq_len, cfg.training.eval_batches * micro)
+        weights = np.ones(len(starts))
+        per_rank = -(-len(starts) // world)
+        per_rank = -(-per_rank // micro) * micro  # every rank runs the same number of passes (ZeRO-3)
+        pad = per_rank * world - len(starts)
+        starts = np.concatenate([starts, np.repeat(starts[:1], pad)])
+        weights = np.concatenate([weights, np.zeros(pad)])
+        mine = starts[self.dims.dp_rank :: world]
+        my_w = weights[self.dims.dp_rank :: world]
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        for lo in range(0, len(mine), micro):
+            inputs, labels = windows_batch(self.val_data, mine[lo : lo + micro], cfg.training.seq_len)
+            w = torch.as_tensor(my_w[lo : lo + micro], dtype=torch.float64, device=self.device)
+            with self._autocast():
+                out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
+            # the model's loss is the mean over the micro-batch: weight it by its real windows
+            total[0] += out.loss.double() * w.sum()
+            total[1] += w.sum()
+        self.engine.train()
+        all_reduce_sum(total)
+        return float(total[0] / total[1])
+
+    def sample(self) -> str:
+        """Generate `training.sample_tokens` tokens after `training.sample_prompt` (rank 0 prints)."""
+        from deepsuite.data import Tokenizer
+
+        cfg = self.cfg
+        if cfg.training.sample_tokens == 0:
+            return ""
+        if cfg.parallel.zero_stage == 3 or self.dims.is_main:  # ZeRO-3 gathers weights collectively
+            tok = Tokenizer(self.tokenizer_path)
+            return generate_text(
+                self.engine.module,
+                tok,
+                cfg.training.sample_prompt,
+                cfg.training.sample_tokens,
+                self.device,
+                seed=cfg.training.seed,
+            )
+        return ""
+
+
+def generate_text(
+    model: nn.Module,
+    tok: Any,
+    prompt: str,
+    max_new_tokens: int,
+    device: torch.device | str = "cpu",
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
+    """Decode `prompt` + `max_new_tokens` sampled tokens."""
+    ids = tok.encode(prompt) or [tok.eos_id]
+    limit = getattr(getattr(model, "args", None), "max_seq_len", None)
+    if limit is not None:
+        max_new_tokens = max(0, min(max_new_tokens, limit - len(ids)))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(  # type: ignore[operator]
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=gen,
+    )
+    return str(tok.decode(out[0].tolist()))
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Run (or continue) training as configured; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from deepsuite.training.metrics import MetricsLogger
+
+    trainer = Trainer(cfg, resume=resume)
+    dims = trainer.dims
+    _say(dims, describe_layout(cfg, dims, trainer.layout, trainer.ds_config))
+    trainer.load()
+    result = TrainResult(start_step=trainer.step)
+    resumed = trainer.resume_from is not None
+    logger = MetricsLogger(cfg, dims.is_main, resume_step=trainer.step if resumed else None)
+    if dims.is_main:
+        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    t = cfg.training
+    end = t.steps if t.max_steps_per_run == 0 else min(t.steps, trainer.step + t.max_steps_per_run)
+
+    def run_eval() -> None:
+        val = trainer.evaluate()
+        trainer.val_losses[trainer.step] = val
+        result.val_losses[trainer.step] = val
+        logger.log({"step": trainer.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        if dims.is_main:
+            tqdm.write(f"step {trainer.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.1f}")
+
+    if trainer.step == 0 and trainer.step < end:
+        run_eval()
+    bar = tqdm(
+        total=t.steps,
+        initial=trainer.step,
+        desc="train",
+        unit="step",
+        disable=not (dims.is_main and cfg.logging.progress),
+        file=sys.stdout,
+        dynamic_ncols=True,
+    )
+    tokens_per_step = trainer.layout.global_batch_size * t.seq_len
+    try:
+        while trainer.step < end:
+            tick = time.perf_counter()
+            metrics = trainer.train_step()
+            tokens_per_s = tokens_per_step / max(time.perf_counter() - tick, 1e-9)
+            result.losses.append(metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}"
+            )
+            if trainer.step % cfg.logging.log_every == 0 or trainer.step == end:
+                logger.log(
+                    {
+                        "step": trainer.step,
+                        **metrics,
+                        "tokens_per_s": tokens_per_s,
+                        "tokens_seen": trainer.tokens_seen,
+                    }
+                )
+            last = trainer.step == t.steps
+            if (t.eval_every and trainer.step % t.eval_every == 0) or last:
+                run_eval()
+            if (cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0) or (
+                trainer.step == end and (cfg.checkpoint.save_final or not last)
+            ):
+                result.checkpoint = str(trainer.save())
+    finally:
+        bar.close()
+        logger.close()
+    result.end_step = trainer.step
+    if trainer.step == t.steps:
+        text = trainer.sample()
+        if text:
+            result.sample = text
+            _say(dims, f"--- sample after {trainer.step} steps ---\n{text}\n---")
+    elif dims.is_main:
+        print(
+            f"stopped at step {trainer.step} of {t.steps} (training.max_steps_per_run); resume to continue",
+            flush=True,
+        )
+    return result
+
+
+def dry_run(cfg: Config) -> str:
+    """Validate the config and world layout without building anything heavy; return the report."""
+    import yaml
+
+    from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
+    from deepsuite.parallel.dist import ParallelDims, world_from_env
+
+    world, rank, local = world_from_env()
+    dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
+    if world % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} does not divide the world size {world}")
+    layout = resolve_batch(cfg.training, dims.dp_size)
+    ds_config = build_ds_config(cfg, dims)
+    return (
+        "# resolved config\n"
+        + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        + "# parallel layout\n"
+        + describe_layout(cfg, dims, layout, ds_config)
+        + "\n# DeepSpeed config\n"
+        + yaml.safe_dump(ds_config, sort_keys=False)
+    )

@@ -1,0 +1,111 @@
+"""Shared fixtures for the pipeline tests: a tiny corpus, its prepared shards and a tiny run config."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "sword",
+    "crown",
+    "night",
+    "day",
+    "love",
+    "death",
+    "blood",
+    "heart",
+    "fair",
+    "foul",
+    "speak",
+    "hath",
+    "doth",
+    "thou",
+    "thee",
+    "thy",
+    "mine",
+    "honour",
+    "grace",
+    "noble",
+    "gentle",
+    "sweet",
+    "sorrow",
+    "fortune",
+    "heaven",
+    "earth",
+    "fire",
+    "water",
+    "wind",
+]
+NAMES = ["ROMEO", "JULIET", "HAMLET", "LEAR", "MACBETH", "OTHELLO"]
+
+
+def write_corpus(folder: Path, n_docs: int = 8, lines: int = 120, seed: int = 0) -> Path:
+    """`n_docs` small plays of pseudo-English lines, deterministic for `seed`."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        out = []
+        for _ in range(lines):
+            speaker = rng.choice(NAMES)
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10)))
+            out.append(f"{speaker}:\n  {words.capitalize()}.\n")
+        (folder / f"play_{d:02d}.txt").write_text("\n".join(out), encoding="utf-8")
+    return folder
+
+
+def tiny_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a tiny GPT run on the tiny corpus (seconds per run on one CPU core)."""
+    values: dict[str, object] = {
+        "model.flavor": "gpt2-debug",
+        "model.vocab_size": 320,
+        "model.d_model": 32,
+        "model.n_layers": 1,
+        "model.n_heads": 2,
+        "model.max_seq_len": 64,
+        "data.out_dir": str(data_dir),
+        "data.vocab_size": 320,
+        "training.steps": 6,
+        "training.seq_len": 16,
+        "training.global_batch_size": 4,
+        "training.micro_batch_size": 2,
+        "training.eval_every": 3,
+        "training.eval_batches": 2,
+        "training.sample_tokens": 8,
+        "schedule.warmup_steps": 2,
+        "checkpoint.dir": str(run_dir),
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 2,
+        "logging.run_dir": str(run_dir),
+        "logging.log_every": 1,
+        "logging.progress": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared data folder (320-piece tokenizer) from an 8-document corpus."""
+    from deepsuite.config import load_config
+    from deepsuite.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_corpus(root / "corpus")
+    out = root / "data"
+    cfg = load_config(
+        None, [f"data.source={corpus}", f"data.out_dir={out}", "data.vocab_size=320", "data.num_proc=1"]
+    )
+    prepare_data(cfg.data, log=lambda _: None)
+    return out
