@@ -168,7 +168,7 @@ def run(quick: bool = False, compile_blocks: bool = True) -> dict[str, Any]:
                     rows.append(
                         {
                             "model": f"{name}/{flavor}",
-                            "mode": mode,
+                            "mode": mode + ("+compile" if use_compile else ""),
                             "error": f"{type(err).__name__}: {str(err)[:300]}",
                         }
                     )
