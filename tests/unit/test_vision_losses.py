@@ -229,26 +229,29 @@ def centernet_ref(outputs, targets, wh_weight=0.1, offset_weight=1.0) -> tuple[f
 
 def small_targets():
     boxes = [
-        torch.tensor([[4.0, 4.0, 20.0, 14.0], [18.0, 16.0, 30.0, 30.0]]),
-        torch.tensor([[0.0, 2.0, 9.0, 11.0]]),
+        torch.tensor([[4.0, 4.0, 40.0, 30.0], [30.0, 36.0, 60.0, 60.0]]),
+        torch.tensor([[0.0, 2.0, 21.0, 23.0]]),
     ]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
-    return build_centernet_targets(boxes, labels, num_classes=2, output_size=(8, 8), stride=4, max_objects=4)
+    return build_centernet_targets(
+        boxes, labels, num_classes=2, output_size=(16, 16), stride=4, max_objects=4
+    )
 
 
 def test_centernet_loss_matches_reference():
     targets = small_targets()
     g = torch.Generator().manual_seed(5)
     outputs = {
-        "heatmap": torch.randn(2, 2, 8, 8, generator=g) * 2,
-        "wh": torch.randn(2, 2, 8, 8, generator=g) * 3,
-        "reg": torch.rand(2, 2, 8, 8, generator=g),
+        "heatmap": torch.randn(2, 2, 16, 16, generator=g) * 2,
+        "wh": torch.randn(2, 2, 16, 16, generator=g) * 3,
+        "reg": torch.rand(2, 2, 16, 16, generator=g),
     }
     # make one prediction confident at a peak so the positive term is exercised at both ends
     outputs["heatmap"][0, 0].view(-1)[targets["ind"][0, 0]] = 6.0
     total, metrics = CenterNetLoss()(outputs, targets)
     heatmap_loss, wh_loss, offset_loss, ref_total = centernet_ref(outputs, targets)
     assert int((targets["heatmap"] == 1).sum()) == 3  # one peak per object
+    assert int(((targets["heatmap"] > 0) & (targets["heatmap"] < 1)).sum()) > 20  # Gaussian rings: β matters
     assert metrics["heatmap_loss"].item() == pytest.approx(heatmap_loss, rel=1e-5)
     assert metrics["wh_loss"].item() == pytest.approx(wh_loss, rel=1e-5)
     assert metrics["offset_loss"].item() == pytest.approx(offset_loss, rel=1e-5)
