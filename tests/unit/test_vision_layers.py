@@ -347,3 +347,22 @@ def test_polynomial_feature_shapes_flatten_and_validation():
         LaguerreFeatures(-1)
     with pytest.raises(ValueError, match="alpha"):
         LaguerreFeatures(2, alpha=-1.0)
+
+
+@pytest.mark.gpu
+def test_layers_and_decode_on_cuda_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from deepsuite.vision import CenterNetHead
+
+    torch.manual_seed(5)
+    z = torch.randn(2, 4, 8, 8, dtype=torch.complex64)
+    for module in (ComplexConv2d(4, 3, 3, padding=1), ComplexBatchNorm2d(4), DFT(8, dim=-1)):
+        cpu = module(z)
+        torch.testing.assert_close(module.cuda()(z.cuda()).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    head = CenterNetHead(4, 2, head_conv=8)
+    x = torch.randn(2, 4, 16, 16)
+    cpu_boxes, cpu_scores, _ = CenterNetHead.decode(head(x), k=5)
+    gpu_boxes, gpu_scores, _ = CenterNetHead.decode(head.cuda()(x.cuda()), k=5)
+    torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu_boxes.cpu(), cpu_boxes, rtol=1e-4, atol=1e-3)
