@@ -23,6 +23,7 @@ that the tests prove here would be a parity of a different layer.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepsuite.parallel.groups import (
+    ExpertLayout,
     ParallelGroups,
     expert_group_name,
     is_expert_param,
@@ -109,6 +111,7 @@ class AllToAllDispatcher(nn.Module):
         self.ep_size = groups.layout.ep_size
         self.n_local_experts = n_routed_experts // self.ep_size
         self.ep_rank = groups.layout.ep_rank
+        self.layout = groups.layout
         self._ep_group = groups.ep_group  # a process group is not module state
         self.deepspeed_moe_registration = make_deepspeed_registration(n_routed_experts, self.ep_size)
 
@@ -204,3 +207,82 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
 def expert_param_names(model: nn.Module) -> list[str]:
     """Names of the parameters tagged as expert (EP-sharded) parameters."""
     return [n for n, p in model.named_parameters() if is_expert_param(p)]
+
+
+# --- Checkpoints -------------------------------------------------------------------------------------
+#
+# DeepSpeed writes the module state (``mp_rank_00_model_states.pt``) from data-parallel rank 0 only,
+# and its per-expert files only for its native MoE layer. Our expert shards differ per EP rank, so
+# each EP rank's first replica (expert-data-parallel rank 0) writes its own shard next to them; on
+# resume every rank copies its shard back into the live parameters after `engine.load_checkpoint`
+# (ZeRO-1/2 restore their fp32 master partitions themselves, per rank, from the optimizer files).
+
+EXPERT_SHARD_PATTERN = "expert_shard_ep{ep_rank:03d}_of{ep_size:03d}.pt"
+EXPERT_SHARD_GLOB = "expert_shard_ep*_of*.pt"
+
+
+def expert_layout(model: nn.Module) -> ExpertLayout | None:
+    """The expert-parallel layout applied to ``model`` (a DeepSpeed engine or the model), if any."""
+    module = getattr(model, "module", model)
+    for m in module.modules():
+        if isinstance(m, AllToAllDispatcher):
+            return m.layout
+    return None
+
+
+def expert_shard_path(tag_dir: str | Path, ep_rank: int, ep_size: int) -> Path:
+    """The file holding EP rank ``ep_rank``'s expert parameters in a checkpoint tag folder."""
+    return Path(tag_dir) / EXPERT_SHARD_PATTERN.format(ep_rank=ep_rank, ep_size=ep_size)
+
+
+def save_expert_shards(model: nn.Module, tag_dir: str | Path) -> Path | None:
+    """Write this EP rank's expert parameters (one writer per EP rank); returns the path written.
+
+    Call on every rank after ``engine.save_checkpoint(dir, tag)`` with ``tag_dir = dir/tag``; a no-op
+    without expert parallelism (the experts are then complete in DeepSpeed's own files).
+    """
+    layout = expert_layout(model)
+    if layout is None or layout.edp_rank != 0:
+        return None
+    module = getattr(model, "module", model)  # a DeepSpeed engine or the model
+    tensors = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if is_expert_param(p)}
+    path = expert_shard_path(tag_dir, layout.ep_rank, layout.ep_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"ep_rank": layout.ep_rank, "ep_size": layout.ep_size, "tensors": tensors}, tmp)
+    tmp.replace(path)
+    return path
+
+
+@torch.no_grad()
+def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
+    """Copy this EP rank's saved expert parameters into the live model; returns how many tensors.
+
+    Call on every rank right after ``engine.load_checkpoint``. Refuses a checkpoint written with a
+    different ``ep_size`` (the shards would not line up).
+    """
+    layout = expert_layout(model)
+    if layout is None:
+        if any(Path(tag_dir).glob(EXPERT_SHARD_GLOB)):
+            raise ValueError(
+                f"{tag_dir} holds expert-parallel shards but this run has parallel.ep_size=1; resume with the "
+                "checkpoint's ep_size, or consolidate it (deepsuite convert zero-to-hf) and start from HF"
+            )
+        return 0
+    path = expert_shard_path(tag_dir, layout.ep_rank, layout.ep_size)
+    if not path.exists():
+        others = sorted(p.name for p in Path(tag_dir).glob("expert_shard_ep*.pt"))
+        raise FileNotFoundError(
+            f"{path} is missing (found {others or 'no expert shards'}); resume with the ep_size the "
+            "checkpoint was written with, or consolidate it (deepsuite convert zero-to-hf) and start from HF"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+    module = getattr(model, "module", model)
+    params = {n: p for n, p in module.named_parameters() if is_expert_param(p)}
+    if set(saved) != set(params):
+        raise ValueError(
+            f"{path}: expert parameters {sorted(saved)} do not match the model's {sorted(params)}"
+        )
+    for name, param in params.items():
+        param.copy_(saved[name].to(param.device, param.dtype))
+    return len(params)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import init, write
+from _common import grad_bytes, init, optimizer_bytes, param_bytes, write
 
 from deepsuite.models.registry import build_model
 from deepsuite.parallel.deepspeed import import_deepspeed
@@ -54,7 +54,7 @@ for tokens in data:
     ref_losses.append(loss.item())
 
 result: dict = {"ref": ref_losses}
-for stage in (1, 2, 3):
+for stage in (0, 1, 2, 3):
     model = copy.deepcopy(base)
     ds_config = {
         "train_batch_size": MICRO * world,
@@ -70,10 +70,13 @@ for stage in (1, 2, 3):
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     losses = []
+    measured = {"params": param_bytes(engine)}
     for tokens in data:
         loss = lm_loss(engine, tokens[rank * MICRO : (rank + 1) * MICRO])
         engine.backward(loss)
+        measured.setdefault("grads", grad_bytes(engine))
         engine.step()
+        measured.setdefault("optimizer", optimizer_bytes(engine))
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
@@ -82,5 +85,6 @@ for stage in (1, 2, 3):
     assert losses[-1] < losses[0] - 0.1, f"ZeRO-{stage} did not train: {losses[0]} -> {losses[-1]}"
     result[f"zero{stage}"] = losses
     result[f"zero{stage}_max_rel"] = rel
+    result[f"zero{stage}_bytes"] = measured
     del engine, optimizer
 write(args, result)
