@@ -1,4 +1,5 @@
-"""EP=2 × ZeRO-2 on 2 CPU ranks vs one process (tiny DeepSeek-V3): losses, router biases, resume, plan bytes."""
+"""EP=2 × ZeRO-2 on 2 CPU ranks vs one process (tiny DeepSeek-V3): losses, router biases, resume,
+consolidation to an HF folder that transformers loads, plan bytes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_ep2_zero2_matches_single_process_and_resumes(tmp_path: Path) -> None:
     a1, b1, a2, b2 = res["resumed"]
     assert a1 == b1 and a2 == b2
     assert abs(a1 - res["ref"][20]) / res["ref"][20] < 1e-5
+    # consolidated ZeRO-2 + EP=2 checkpoint -> HF folder -> transformers logits == the live EP model's
+    assert res["hf_max_abs_logit_diff"] < 1e-4
     model = ModelConfig(
         name="deepseek_v3", flavor="deepseek-v3-debug", args={"vocab_size": 128, "n_layers": 2}
     )

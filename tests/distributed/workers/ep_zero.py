@@ -109,7 +109,8 @@ t0 = time.time()
 result: dict = {"ref": ref_losses}
 for stage in stages:
     engine = make_engine(stage, copy.deepcopy(base))
-    assert len(expert_param_names(engine.module)) == 2 * base.args.n_moe_layers + 2  # + the MTP block's MoE
+    expert_names = set(expert_param_names(engine.module))
+    assert len(expert_names) == 2 * base.args.n_moe_layers + 2  # + the MTP block's MoE
     measured = {"params": param_bytes(engine)}
     losses = [train_step(engine, tokens, measured) for tokens in data[:STEPS]]
     result[f"stage{stage}_bytes"] = measured
@@ -140,6 +141,44 @@ for stage in stages:
         cont = [train_step(e, tokens) for tokens in data[STEPS:] for e in (engine, other)]
         assert cont[0] == cont[1] and cont[2] == cont[3], f"resumed losses differ: {cont}"
         result["resumed"] = cont
+
+        # consolidation: DeepSpeed files + expert shards -> full fp32 state dict -> HF folder
+        from deepsuite.config.schema import ModelConfig
+        from deepsuite.parallel.consolidate import consolidate_state_dict, consolidate_to_hf
+
+        sd = consolidate_state_dict(ckpt, tag="step20")
+        lo, hi = groups.layout.local_expert_range(base.args.n_routed_experts)
+        fresh = make_engine(stage, make_base(7))
+        fresh.load_checkpoint(str(ckpt), tag="step20")
+        load_expert_shards(fresh, ckpt / "step20")
+        for name, p in fresh.module.named_parameters():
+            full = sd[name]
+            torch.testing.assert_close(
+                full[lo:hi] if name in expert_names else full, p.detach(), rtol=0, atol=0
+            )
+        assert sd["layers.1.ffn.experts.gate_up_proj"].shape[0] == base.args.n_routed_experts
+        torch.testing.assert_close(
+            sd["layers.1.ffn.gate.e_score_correction_bias"],
+            dict(fresh.module.named_buffers())["layers.1.ffn.gate.e_score_correction_bias"],
+        )
+        fresh.module.eval()
+        probe = data[0][:2, :-1]
+        with torch.no_grad():
+            live_logits = fresh.module(probe)  # the EP-sharded live model (all-to-all across ranks)
+        if rank == 0:
+            hf_dir = args.dir / "hf"
+            model_cfg = ModelConfig(
+                name="deepseek_v3", flavor="deepseek-v3-debug", args={"vocab_size": V, "n_layers": 2}
+            )
+            consolidate_to_hf(ckpt, hf_dir, tag="step20", model_cfg=model_cfg)
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+            with torch.no_grad():
+                hf_logits = hf(probe).logits
+            torch.testing.assert_close(hf_logits, live_logits, rtol=1e-4, atol=1e-4)
+            result["hf_max_abs_logit_diff"] = float((hf_logits - live_logits).abs().max())
+        dist.barrier()
     del engine
     result[f"seconds_stage{stage}"] = time.time() - t0
 write(args, result)
