@@ -1,21 +1,31 @@
-"""Data: corpus reading, SentencePiece tokenizer, packed token shards and the resumable sampler."""
+"""Data: corpus reading, SentencePiece tokenizer, packed token shards and the resumable sampler.
 
-from deepsuite.data.errors import DataError
-from deepsuite.data.prepare import prepare_data
-from deepsuite.data.sampler import WindowSampler, eval_starts, rank_slice, windows_batch
-from deepsuite.data.shards import TokenShards, read_meta, token_dtype
-from deepsuite.data.tokenizer import Tokenizer, train_tokenizer
+Imports are lazy so that the CLI's error handling (`DataError`) does not pull in torch.
+"""
 
-__all__ = [
-    "DataError",
-    "TokenShards",
-    "Tokenizer",
-    "WindowSampler",
-    "eval_starts",
-    "prepare_data",
-    "rank_slice",
-    "read_meta",
-    "token_dtype",
-    "train_tokenizer",
-    "windows_batch",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DataError": "deepsuite.data.errors",
+    "prepare_data": "deepsuite.data.prepare",
+    "WindowSampler": "deepsuite.data.sampler",
+    "eval_starts": "deepsuite.data.sampler",
+    "rank_slice": "deepsuite.data.sampler",
+    "windows_batch": "deepsuite.data.sampler",
+    "TokenShards": "deepsuite.data.shards",
+    "read_meta": "deepsuite.data.shards",
+    "token_dtype": "deepsuite.data.shards",
+    "Tokenizer": "deepsuite.data.tokenizer",
+    "train_tokenizer": "deepsuite.data.tokenizer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'deepsuite.data' has no attribute {name!r}")

@@ -87,16 +87,19 @@ def train_tokenizer(
 ) -> Path:
     """Train a byte-fallback BPE SentencePiece model on the lines of `texts`; return the .model path.
 
-    Deterministic for a given corpus, vocab size and seed.
+    Deterministic for a given corpus, vocab size and seed (the file holds no path or time).
     """
+    import io
+
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
     prefix = Path(model_prefix)
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=_lines(texts),
-            model_prefix=str(prefix),
+            model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -122,4 +125,6 @@ def train_tokenizer(
                 f"data.vocab_size={vocab_size} is too large for this corpus ({msg}); lower data.vocab_size"
             ) from None
         raise DataError(f"tokenizer training failed: {msg}") from None
-    return prefix.with_suffix(".model")
+    path = prefix.with_suffix(".model")
+    path.write_bytes(model.getvalue())
+    return path

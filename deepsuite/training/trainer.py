@@ -116,17 +116,6 @@ class Trainer:
         self.device = self.dims.device
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir)
-        if self.dims.is_main:
-            check_writable(self.ckpt_dir)
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / ".write-test").write_text("")
-                (self.run_dir / ".write-test").unlink()
-            except OSError as exc:
-                raise ConfigError(
-                    f"logging.run_dir={str(self.run_dir)!r} is not writable ({exc.strerror}); choose a writable folder"
-                ) from None
-
         # data
         data_dir = Path(cfg.data.out_dir)
         self.meta = read_meta(data_dir)
@@ -147,6 +136,17 @@ class Trainer:
         if self.resume_from is not None:
             state = verify_checkpoint(self.resume_from)
             check_compatible(state, cfg, self.resume_from, self.dims.world_size)
+
+        if self.dims.is_main:
+            check_writable(self.ckpt_dir)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / ".write-test").write_text("")
+                (self.run_dir / ".write-test").unlink()
+            except OSError as exc:
+                raise ConfigError(
+                    f"logging.run_dir={str(self.run_dir)!r} is not writable ({exc.strerror}); choose a writable folder"
+                ) from None
 
         self.engine = self._build_engine()
         self.step = 0

@@ -1,0 +1,167 @@
+"""End to end in one process: train, exact resume, checkpoint layout, metrics, generate, convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from deepsuite.config import load_config
+from deepsuite.training.trainer import TrainResult, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(data: Path, run_dir: Path, **extra: object) -> TrainResult:
+    return train(load_config(None, tiny_overrides(data, run_dir, **extra)))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult]:
+    """6 uninterrupted steps, checkpoints every 2 (keep 2)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, run(tiny_data, run_dir)
+
+
+def test_exact_resume_is_bitwise_identical(
+    straight: tuple[Path, TrainResult], tiny_data: Path, tmp_path: Path
+) -> None:
+    ref_dir, ref = straight
+    first = run(tiny_data, tmp_path, training__max_steps_per_run=3)
+    assert first.end_step == 3 and (tmp_path / "step_3").is_dir() and first.sample == ""
+    second = run(tiny_data, tmp_path)  # checkpoint.resume=auto
+    assert second.start_step == 3 and second.end_step == 6
+    assert len(ref.losses) == 6
+    assert first.losses + second.losses == ref.losses  # bitwise: float equality
+    assert losses(tmp_path) == losses(ref_dir)
+    assert val_losses(tmp_path) == val_losses(ref_dir)
+    from deepsuite.checkpoint.manager import consolidated_state_dict, read_state
+
+    a = consolidated_state_dict(ref_dir / "step_6", read_state(ref_dir / "step_6"))
+    b = consolidated_state_dict(tmp_path / "step_6", read_state(tmp_path / "step_6"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert second.sample == ref.sample and ref.sample.startswith("ROMEO:")
+
+
+def test_loss_decreases_and_metrics_are_logged(straight: tuple[Path, TrainResult]) -> None:
+    run_dir, result = straight
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= set(r)
+    assert train_rows[-1]["tokens_seen"] == 6 * 4 * 16
+    assert train_rows[0]["lr"] == pytest.approx(3e-3 / 2)  # warmup 2 steps
+    val = val_losses(run_dir)
+    assert sorted(val) == [0, 3, 6] and val[6] < val[0]
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_checkpoint_layout_and_rotation(straight: tuple[Path, TrainResult]) -> None:
+    run_dir, result = straight
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_4", "step_6"]  # keep_last=2
+    assert (run_dir / "latest").read_text().strip() == "step_6"
+    assert not list(run_dir.glob("tmp-*")) and not list(run_dir.glob(".trash-*"))
+    ckpt = run_dir / "step_6"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 16
+    assert state["sampler"] == {"epoch": 0, "index": 24}
+    assert state["model"]["args"]["d_model"] == 32
+    for rel, size in state["files"].items():
+        assert (ckpt / rel).stat().st_size == size
+    assert {"config.yaml", "tokenizer.model", "rng/rank_00000.json"} <= set(state["files"])
+    rng = json.loads((ckpt / "rng" / "rank_00000.json").read_text())
+    assert {"python", "numpy", "torch"} <= set(rng)
+    assert result.checkpoint == str(ckpt)
+
+
+def test_generate_cli(straight: tuple[Path, TrainResult], capsys: pytest.CaptureFixture[str]) -> None:
+    from deepsuite.cli import main
+
+    run_dir, _ = straight
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(run_dir),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("ROMEO:")
+    assert main([*argv[:-2], "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]) == 0
+
+
+def test_convert_to_hf_matches_the_trained_model(straight: tuple[Path, TrainResult], tmp_path: Path) -> None:
+    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.cli import main
+    from deepsuite.models.hf import load_hf
+
+    run_dir, _ = straight
+    model, _, _ = load_model_from_checkpoint(run_dir)
+    x = torch.randint(0, 320, (2, 12))
+    expected = model(x)
+    assert main(["convert", "zero-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    torch.testing.assert_close(load_hf(tmp_path / "hf")(x), expected)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(hf(x).logits, expected, rtol=1e-4, atol=1e-4)
+    assert main(["convert", "hf-to-deepsuite", str(tmp_path / "hf"), str(tmp_path / "ds")]) == 0
+    assert main(["convert", "deepsuite-to-hf", str(tmp_path / "ds"), str(tmp_path / "hf2")]) == 0
+    torch.testing.assert_close(load_hf(tmp_path / "hf2")(x), expected)
+
+
+def test_zero2_resume_and_consolidation(
+    straight: tuple[Path, TrainResult], tiny_data: Path, tmp_path: Path
+) -> None:
+    _, ref = straight
+    first = run(tiny_data, tmp_path, training__max_steps_per_run=3, parallel__zero_stage=2)
+    second = run(tiny_data, tmp_path, parallel__zero_stage=2)
+    assert first.losses + second.losses == pytest.approx(ref.losses, rel=1e-6)
+    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+
+    model, state, _ = load_model_from_checkpoint(tmp_path)
+    assert state["zero_stage"] == 2 and state["step"] == 6
+    x = torch.randint(0, 320, (1, 8))
+    assert torch.isfinite(model(x)).all()
+
+
+def test_plot_metrics(straight: tuple[Path, TrainResult], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir, _ = straight
+    out = tmp_path / "m.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "plot_metrics.py"),
+            str(run_dir / "metrics.jsonl"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

