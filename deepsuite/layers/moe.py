@@ -97,12 +97,29 @@ class MoERouter(nn.Module):
         self.e_score_correction_bias.zero_()
 
 
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` can run on ``x``'s device and dtype.
+
+    CPU: any float dtype (torch >= 2.9 has a CPU kernel). CUDA: bf16 on SM80+ only.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    return False
+
+
 class GroupedExperts(nn.Module):
     """``n_experts`` SwiGLU experts as stacked tensors (transformers 5 / DeepSpeed AutoEP layout).
 
     ``gate_up_proj`` ``[E, 2I, D]`` (gate rows then up rows) and ``down_proj`` ``[E, D, I]``.
     ``forward(x_sorted, counts)`` runs expert ``e`` on rows ``offset_e … offset_e + counts[e]`` of
-    the expert-sorted tokens — each expert a dense matmul on its contiguous slice.
+    the expert-sorted tokens: one ``grouped_mm`` per projection where PyTorch has the kernel
+    (``use_grouped_mm``), otherwise a loop of dense matmuls over the contiguous slices (weights
+    taken with ``unbind`` so the backward writes each expert's gradient once, not a full-size
+    zero tensor per expert).
     """
 
     def __init__(self, n_experts: int, d_model: int, d_ffn: int) -> None:
@@ -110,19 +127,28 @@ class GroupedExperts(nn.Module):
         self.n_experts = n_experts
         self.d_model = d_model
         self.d_ffn = d_ffn
+        self.use_grouped_mm = True
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_ffn, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ffn))
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+        if self.use_grouped_mm and grouped_mm_supported(x_sorted) and x_sorted.shape[0] > 0:
+            offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+            h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=offs)  # (S, 2I)
+            gate, up = h.chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # (S, D)
+        return self._loop(x_sorted, counts)
+
+    def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outputs = []
         start = 0
-        for e, n in enumerate(counts):
+        for n, w_gate_up, w_down in zip(counts, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
             if n == 0:
                 continue
             xe = x_sorted[start : start + n]  # (n, D)
-            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (n, D)
+            gate, up = F.linear(xe, w_gate_up).chunk(2, dim=-1)  # (n, I) each
+            outputs.append(F.linear(F.silu(gate) * up, w_down))  # (n, D)
             start += n
         if not outputs:
             return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()

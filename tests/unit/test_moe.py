@@ -237,3 +237,23 @@ def test_dispatcher_roundtrip() -> None:
     assert counts == [3, 2, 2, 3]
     w = torch.rand(5, 2)
     torch.testing.assert_close(d.combine(xs, w, state), x * w.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_grouped_mm_and_loop_paths_agree_with_empty_experts(use_grouped_mm: bool) -> None:
+    moe = make_moe(n_activated_experts=1)
+    with torch.no_grad():
+        moe.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))  # experts 2..7 idle
+    moe.experts.use_grouped_mm = use_grouped_mm
+    x = torch.randn(1, 6, D, dtype=torch.float32, requires_grad=True)
+    out = moe(x)
+    ref_moe = make_moe(n_activated_experts=1).double()
+    ref_moe.load_state_dict(moe.state_dict())
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference_moe(ref_moe, x64)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    grad = moe.experts.gate_up_proj.grad
+    assert grad is not None and grad[2:].abs().sum() == 0
+    torch.testing.assert_close(grad.double(), ref_moe.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-4)

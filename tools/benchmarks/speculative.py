@@ -1,0 +1,146 @@
+"""MTP speculative decoding benchmark: acceptance rate and decode speed-up over plain greedy.
+
+Loads a trained DeepSeek-V3 (a training checkpoint folder, a deepsuite model folder or an HF
+folder with MTP weights), takes prompts from a prepared data folder's validation split (or random
+token ids), and decodes each prompt greedily twice in the same run: plain
+(`deepsuite.generation.generate`, one main-model pass per token) and speculative (the MTP module
+drafts one token, the main model verifies two at once). The tokens are checked equal; the
+acceptance rate and the wall-clock speed-up are reported. Without ``--checkpoint`` a random tiny
+model is used (a smoke run: an untrained drafter is rarely accepted).
+
+    python tools/benchmarks/speculative.py --checkpoint runs/default/checkpoints --data data/shakespeare [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import env_info, print_table, write_json
+
+from deepsuite.models.deepseek_v3.config import FLAVORS
+from deepsuite.models.deepseek_v3.model import DeepSeekV3
+
+
+def load(checkpoint: str | None) -> tuple[DeepSeekV3, str]:
+    """The model of ``checkpoint`` (training checkpoint, deepsuite folder or HF folder), or a random debug model."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+        model = DeepSeekV3(FLAVORS["deepseek-v3-debug"])
+        model.init_weights()
+        return model.eval(), "random deepseek-v3-debug (untrained)"
+    path = Path(checkpoint)
+    model: Any
+    if (path / "config.json").is_file():
+        from deepsuite.models import load_hf
+
+        model = load_hf(path)
+    elif (path / "model.yaml").is_file():
+        from deepsuite.checkpoint.hf_io import load_model
+
+        model = load_model(path)
+    else:
+        from deepsuite.checkpoint.manager import load_model_from_checkpoint
+
+        model, _, _ = load_model_from_checkpoint(path)
+    if not isinstance(model, DeepSeekV3):
+        raise SystemExit(f"{checkpoint} holds a {type(model).__name__}, not a DeepSeekV3")
+    return model.eval(), str(checkpoint)
+
+
+def prompts(data: str | None, vocab_size: int, n: int, length: int) -> list[torch.Tensor]:
+    """``n`` prompts of ``length`` tokens from ``data``'s validation split (evenly spaced), or random ids."""
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab_size, (1, length), generator=g) for _ in range(n)]
+    from deepsuite.data.shards import TokenShards
+
+    shards = TokenShards(data, "val")
+    tokens = torch.from_numpy(shards.arrays[0][: max(len(shards.arrays[0]), 1)].astype("int64"))
+    step = max((len(tokens) - length) // n, 1)
+    return [tokens[i * step : i * step + length][None] for i in range(n)]
+
+
+def run(
+    quick: bool = False,
+    checkpoint: str | None = None,
+    data: str | None = None,
+    n_prompts: int = 8,
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+) -> dict[str, Any]:
+    """Acceptance rate and speed-up of speculative over plain greedy decoding on the same prompts."""
+    if quick:
+        n_prompts, new_tokens = 2, 16
+    model, source = load(checkpoint)
+    new_tokens = min(new_tokens, model.max_seq_len - prompt_len - 1)
+    batch = prompts(data, model.args.vocab_size, n_prompts, prompt_len)
+    plain_s = spec_s = 0.0
+    drafted = accepted = 0
+    same = True
+    for ids in batch:
+        model.generate(ids, 2, temperature=0)  # warm-up
+        t0 = time.perf_counter()
+        plain = model.generate(ids, new_tokens, temperature=0)
+        t1 = time.perf_counter()
+        spec = model.generate(ids, new_tokens, temperature=0, speculative=True)
+        t2 = time.perf_counter()
+        plain_s += t1 - t0
+        spec_s += t2 - t1
+        same = same and torch.equal(plain, spec)
+        drafted += model.last_generation_stats["drafted"]
+        accepted += model.last_generation_stats["accepted"]
+    tokens = n_prompts * new_tokens
+    return {
+        "benchmark": "speculative",
+        "model": source,
+        "prompts": n_prompts,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "same_tokens_as_greedy": same,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "plain_tokens_per_s": tokens / plain_s,
+        "speculative_tokens_per_s": tokens / spec_s,
+        "speedup": plain_s / spec_s,
+        "goal": "acceptance >= 0.7 and speed-up >= 1.4x on the trained default model",
+        "env": env_info("cpu"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint", default=None, help="training checkpoint, deepsuite folder or HF folder"
+    )
+    parser.add_argument("--data", default=None, help="prepared data folder (prompts from its val split)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="2 prompts, 16 new tokens")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    result = run(args.quick, args.checkpoint, args.data, args.prompts, args.prompt_len, args.new_tokens)
+    print_table(
+        [
+            {"decoding": "plain greedy", "tokens/s": result["plain_tokens_per_s"]},
+            {"decoding": "MTP speculative", "tokens/s": result["speculative_tokens_per_s"]},
+        ]
+    )
+    print(
+        f"acceptance {result['acceptance_rate']:.1%}, speed-up {result['speedup']:.2f}x, "
+        f"same tokens as greedy: {result['same_tokens_as_greedy']} ({result['model']})"
+    )
+    if args.json:
+        write_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
