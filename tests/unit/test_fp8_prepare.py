@@ -1,0 +1,149 @@
+"""prepare_fp8: which modules are converted (name filter, alignment, tying), backend fallbacks,
+stacked experts, and a short training run with native FP8 against bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deepsuite.fp8 as fp8
+from deepsuite.config.schema import FP8Config
+from deepsuite.fp8 import Float8Linear, excluded_by, prepare_fp8
+from deepsuite.fp8.experts import Float8GroupedExperts
+from deepsuite.models import build_model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_disabled_leaves_model_untouched() -> None:
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    ctx = prepare_fp8(model, FP8Config(enabled=False))
+    assert ctx.backend == "disabled" and not ctx.enabled and ctx.summary == "fp8: disabled"
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    with ctx.autocast():
+        pass
+
+
+def test_exclude_matches_whole_name_components() -> None:
+    default = FP8Config().exclude
+    assert excluded_by("layers.1.ffn.gate", default) == ["gate"]  # the MoE router
+    assert excluded_by("layers.0.ffn.gate_proj", default) == []  # SwiGLU projection stays FP8
+    assert excluded_by("lm_head", default) == ["lm_head"]
+    assert excluded_by("mtp.0.eh_proj", default) == ["eh_proj"]
+    assert excluded_by("model.embed_tokens", ["embed*"]) == ["embed*"]
+    assert excluded_by("layers.3.attn.wq_a", ["attn.wq"]) == ["attn.wq"]  # dotted: substring
+
+
+def test_gpt_conversion_by_name_alignment_and_tying() -> None:
+    torch.manual_seed(0)
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    model.extra = nn.Linear(64, 30)  # 30 output features: not a multiple of 16
+    ctx = prepare_fp8(model, FP8Config(enabled=True, backend="native", exclude=["lm_head", "c_proj"]))
+    assert ctx.backend == "native" and ctx.enabled
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted == set(ctx.converted)
+    assert converted == {f"layers.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "mlp.c_fc")}
+    assert not any("lm_head" in n for n in converted)
+    assert "c_proj" in ctx.skipped["layers.0.mlp.c_proj"]
+    assert "not multiples of 16" in ctx.skipped["extra"]
+    assert model.lm_head.weight is model.wte.weight  # tying survives
+    assert "backend=native" in ctx.summary and "layers.0.mlp.c_proj" in ctx.summary
+
+
+def test_tied_linear_is_not_converted() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model[1].weight = model[0].weight
+    ctx = prepare_fp8(model, FP8Config(enabled=True, backend="native", exclude=[]))
+    assert ctx.converted == [] and all("shared" in why for why in ctx.skipped.values())
+
+
+def test_te_requested_without_te_falls_back_to_native() -> None:
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    ctx = prepare_fp8(model, FP8Config(enabled=True, backend="te", recipe="block"))
+    assert ctx.backend == "native"
+    assert any("fp8.backend=te requested" in n for n in ctx.notes)
+    assert "native block" in ctx.recipe
+    assert all(m.recipe.scaling == "block" for m in model.modules() if isinstance(m, Float8Linear))
+
+
+def test_no_fp8_anywhere_trains_bf16_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8, "scaled_mm_unusable_reason", lambda device: "no FP8 GEMM on this test device")
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    ctx = prepare_fp8(model, FP8Config(enabled=True))
+    assert ctx.backend == "bf16" and not ctx.enabled and ctx.converted == []
+    assert "no FP8 GEMM on this test device" in ctx.summary
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "mxfp8"])
+def test_native_approximations_are_reported(recipe: str) -> None:
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    ctx = prepare_fp8(model, FP8Config(enabled=True, backend="native", recipe=recipe))
+    assert any(recipe in n for n in ctx.notes)
+
+
+def test_deepseek_v3_experts_router_and_mtp() -> None:
+    """Stacked experts become Float8GroupedExperts sharing the Parameters; the router (gate) and
+    eh_proj stay; the FP8 model's loss and gradients stay close to the high-precision model's."""
+    torch.manual_seed(0)
+    ref = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    model = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    model.load_state_dict(ref.state_dict())
+    experts_param = model.layers[1].ffn.experts.gate_up_proj
+    ctx = prepare_fp8(model, FP8Config(enabled=True, backend="native"))
+    experts = model.layers[1].ffn.experts
+    assert isinstance(experts, Float8GroupedExperts) and experts.gate_up_proj is experts_param
+    assert "layers.1.ffn.experts" in ctx.converted
+    assert (
+        "layers.0.ffn.gate_proj" in ctx.converted and "layers.1.ffn.shared_experts.gate_proj" in ctx.converted
+    )
+    assert "mtp.0.eh_proj" in ctx.skipped
+    assert type(model.layers[1].ffn.gate).__name__ == "MoERouter"
+    ids = torch.randint(0, 4096, (2, 48))
+    loss_ref = ref(ids, labels=ids.roll(-1, 1)).loss
+    loss = model(ids, labels=ids.roll(-1, 1)).loss
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 1e-2
+    loss.backward()
+    loss_ref.backward()
+    g, g_ref = experts.gate_up_proj.grad, ref.layers[1].ffn.experts.gate_up_proj.grad
+    assert g is not None and _rel(g, g_ref) < 0.25  # routed-expert grads, through FP8 e5m2
+
+
+def _pattern_batch(gen: torch.Generator, batch: int, seq: int, vocab: int) -> torch.Tensor:
+    """Learnable sequences: x_{t+1} = (5 · x_t + 3) mod 97 from a random start."""
+    out = torch.empty(batch, seq + 1, dtype=torch.long)
+    out[:, 0] = torch.randint(0, 97, (batch,), generator=gen)
+    for t in range(1, seq + 1):
+        out[:, t] = (5 * out[:, t - 1] + 3) % 97
+    return out % vocab
+
+
+def _train(fp8_on: bool, steps: int = 24) -> list[float]:
+    torch.manual_seed(0)
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    if fp8_on:
+        assert prepare_fp8(model, FP8Config(enabled=True, backend="native")).enabled
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        data = _pattern_batch(gen, 8, 32, model.args.vocab_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(data[:, :-1], labels=data[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_native_fp8_training_tracks_bf16() -> None:
+    """A few dozen steps: the FP8 loss falls like the bf16 one and ends close to it."""
+    bf16, f8 = _train(False), _train(True)
+    assert f8[-1] < 0.5 * f8[0]
+    assert bf16[-1] < 0.5 * bf16[0]
+    final_bf16, final_f8 = sum(bf16[-5:]) / 5, sum(f8[-5:]) / 5
+    assert abs(final_f8 - final_bf16) < 0.1 * final_bf16 + 0.05, (bf16[-5:], f8[-5:])
