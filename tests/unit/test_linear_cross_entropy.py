@@ -200,8 +200,19 @@ def test_never_allocates_full_logits():
     assert max(e.cpu_memory_usage for e in prof.events()) >= full_logits_bytes
 
 
-def test_in_place_softmax_is_exact():
-    z = torch.randn(5, 1000) * 30
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+@pytest.mark.parametrize("shape", [(5, 1000), (3, 37), (2, 70_000)])
+def test_in_place_softmax_is_exact(device, shape):
+    z = torch.randn(*shape, device=device) * 30
     expected = torch.softmax(z, dim=1)
     torch.testing.assert_close(_softmax_(z.clone()), expected, rtol=0, atol=0)
 
