@@ -105,6 +105,10 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None) ->
         "rows": rows,
         "memory_ratio": chunked["peak_mb"] / naive["peak_mb"],
         "time_ratio": chunked["time_s"] / naive["time_s"],
+        "ratios": {
+            "chunked/naive peak memory": chunked["peak_mb"] / naive["peak_mb"],
+            "chunked/naive time": chunked["time_s"] / naive["time_s"],
+        },
         "loss_abs_diff": abs(chunked["loss"] - naive["loss"]),
         "grad_weight_norm_rel_diff": abs(chunked["grad_weight_norm"] - naive["grad_weight_norm"])
         / naive["grad_weight_norm"],
