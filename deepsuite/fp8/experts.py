@@ -54,7 +54,7 @@ if GroupedExperts is not None:
         recipe: Float8Recipe
 
         @classmethod
-        def from_experts(cls, experts: nn.Module, recipe: Float8Recipe) -> Float8GroupedExperts:
+        def from_experts(cls, experts: Any, recipe: Float8Recipe) -> Float8GroupedExperts:
             """Share ``experts``' Parameters (no copy)."""
             new = cls.__new__(cls)
             nn.Module.__init__(new)
@@ -87,7 +87,7 @@ if GroupedExperts is not None:
         """``GroupedExperts`` on two ``te.GroupedLinear`` (Transformer Engine path)."""
 
         @classmethod
-        def from_experts(cls, experts: nn.Module) -> TEGroupedExperts:
+        def from_experts(cls, experts: Any) -> TEGroupedExperts:
             """New TE modules with ``experts``' weights copied (build the optimizer afterwards)."""
             te = importlib.import_module("transformer_engine.pytorch")
             new = cls.__new__(cls)
@@ -150,7 +150,8 @@ def convert_grouped_experts(
         for name, m in model.named_modules()
         if isinstance(m, GroupedExperts) and not isinstance(m, (Float8GroupedExperts, TEGroupedExperts))
     ]
-    for name, experts in found:
+    for name, module in found:
+        experts: Any = module
         hits = is_excluded(name)
         if hits:
             ctx.skipped[name] = f"excluded by name ({', '.join(hits)})"

@@ -303,6 +303,8 @@ class _Float8LinearFn(torch.autograd.Function):
         recipe: Float8Recipe = ctx.recipe
         g = grad_out.contiguous()  # (M, N)
         saved = ctx.saved_tensors
+        x_t: Float8Quantized | None
+        w_t: Float8Quantized | None
         if recipe.scaling == "tensorwise":
             x_data, x_scale, w_data, w_scale = saved
             x_t = _transposed(Float8Quantized(x_data, x_scale, tuple(x_data.shape)))  # (K, M)

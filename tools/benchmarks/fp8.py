@@ -87,13 +87,12 @@ def _corpus_tokens(vocab_size: int, n_tokens: int) -> tuple[torch.Tensor, str]:
     """Byte tokens of the embedded Shakespeare corpus when available, else a learnable synthetic
     sequence (a random first-order Markov chain with a peaked transition table)."""
     try:
-        from deepsuite.data.corpus import load_corpus_text  # type: ignore[attr-defined]
+        from deepsuite.data.corpus import shakespeare_files
 
-        text = load_corpus_text("shakespeare")
-        data = torch.tensor(list(text.encode("utf-8")[:n_tokens]), dtype=torch.long)
-        if vocab_size >= 256 and data.numel() >= n_tokens // 2:
-            return data, "shakespeare bytes"
-    except Exception:
+        raw = b"".join(f.read_bytes() for f in shakespeare_files()[:4])[:n_tokens]
+        if vocab_size >= 256 and len(raw) >= n_tokens // 2:
+            return torch.tensor(list(raw), dtype=torch.long), "shakespeare (bytes)"
+    except Exception:  # the plays are an optional package: fall back to synthetic data below
         pass
     gen = torch.Generator().manual_seed(0)
     vocab = min(vocab_size, 256)
