@@ -150,8 +150,8 @@ def run(quick: bool = False, compile_blocks: bool = True) -> dict[str, Any]:
     modes = ["bf16", "native"] + (["te"] if te_unavailable_reason() is None else [])
     steps = 5 if quick else 10
     models = [
-        ("gpt", "gpt2-xl", GPT_1B, 4, 2048),
-        ("deepseek_v3", "deepseek-v3-small", {}, 8, 2048),
+        ("gpt", "gpt2-xl", GPT_1B, 8, 2048),
+        ("deepseek_v3", "deepseek-v3-small", {}, 16, 2048),
     ]
     compile_options = [False, True] if compile_blocks else [False]
     rows = []
