@@ -57,7 +57,7 @@ def linear_throughput(device: str, quick: bool, compile_fp8: bool = False) -> li
         t_ref = time_fn(lambda ref=ref: step(ref), device, warmup=2, iters=5)
         row: dict[str, Any] = {"M,K,N": f"{m},{k},{n}", "bf16_tflops": flops / t_ref / 1e12}
         if compile_fp8:
-            ref_c = torch.compile(ref)
+            ref_c = torch.compile(ref, dynamic=False)
             t_ref_c = time_fn(lambda ref_c=ref_c: step(ref_c), device, warmup=2, iters=5)
             row["bf16_compiled_tflops"] = flops / t_ref_c / 1e12
         for scaling in SCALINGS:
@@ -65,7 +65,7 @@ def linear_throughput(device: str, quick: bool, compile_fp8: bool = False) -> li
             for suffix, use_compile in variants:
                 layer: nn.Module = Float8Linear.from_linear(ref, scaling=scaling)
                 if use_compile:
-                    layer = torch.compile(layer)
+                    layer = torch.compile(layer, dynamic=False)  # dynamic shapes trip an inductor assert
                 key = f"{scaling}{suffix}"
                 try:
                     t = time_fn(lambda layer=layer: step(layer), device, warmup=2, iters=5)
