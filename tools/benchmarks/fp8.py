@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import RESULTS_DIR, env_info, print_table, time_fn, write_json
+from common import REPO_ROOT, RESULTS_DIR, env_info, print_table, time_fn, write_json
 
 from deepsuite.fp8 import Float8Linear
 from deepsuite.fp8.native import scaled_mm_unusable_reason
@@ -185,7 +185,8 @@ def train_gap(device: str, steps: int, quick: bool, plot: bool = True) -> dict[s
         "curves": {"bf16": bf16, "fp8": fp8},
     }
     if plot:
-        result["plot"] = str(_plot(bf16, fp8, f"{name}/{flavor} on {device}", device))
+        path = _plot(bf16, fp8, f"{name}/{flavor}, {source}, on {device}", device)
+        result["plot"] = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
     return result
 
 
