@@ -157,12 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume = str(find_checkpoint(path))
         except CheckpointError as exc:
             raise CheckpointError(f"--resume: {exc}") from None
-    try:
-        train(cfg, resume=resume)
-    finally:
-        from deepsuite.parallel.dist import destroy_distributed
-
-        destroy_distributed()
+    train(cfg, resume=resume)  # the process group is left to the atexit handler of init_distributed
     return 0
 
 

@@ -7,6 +7,7 @@ the world; without it `init_distributed` makes a world of one on a free local po
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -101,6 +102,9 @@ def init_distributed(backend: str = "auto", ep_size: int = 1, timeout_s: float =
         if name == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(name, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        # DeepSpeed keeps references to the groups for the life of the process, so the group is
+        # destroyed at exit rather than after each run (runs in one process reuse it)
+        atexit.register(destroy_distributed)
     world, rank = dist.get_world_size(), dist.get_rank()
     local = int(os.environ.get("LOCAL_RANK", rank))
     if ep_size < 1 or world % ep_size:

@@ -58,7 +58,7 @@ def test_exact_resume_is_bitwise_identical(
 
 
 def test_loss_decreases_and_metrics_are_logged(straight: tuple[Path, TrainResult]) -> None:
-    run_dir, result = straight
+    run_dir, _ = straight
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]

@@ -14,7 +14,24 @@ from deepsuite.data import DataError, Tokenizer, TokenShards, prepare_data, read
 from deepsuite.data.corpus import check_utf8
 from deepsuite.data.prepare import split_documents
 
-WORDS = ["the", "king", "queen", "lord", "lady", "sword", "crown", "night", "day", "love", "death", "blood", "heart", "fair", "foul", "speak"]
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "sword",
+    "crown",
+    "night",
+    "day",
+    "love",
+    "death",
+    "blood",
+    "heart",
+    "fair",
+    "foul",
+    "speak",
+]
 
 
 def corpus(folder: Path, n_docs: int = 6, lines: int = 60, seed: int = 0) -> Path:
@@ -80,7 +97,7 @@ def test_prepare_is_deterministic_and_skips_when_up_to_date(
     src, out = prepared
     other = tmp_path / "again"
     prepare_data(data_cfg(src, other), log=quiet)
-    for f in sorted(out.glob("*.bin")) + [out / "tokenizer.model"]:
+    for f in [*sorted(out.glob("*.bin")), out / "tokenizer.model"]:
         assert (other / f.name).read_bytes() == f.read_bytes(), f.name
     messages: list[str] = []
     prepare_data(data_cfg(src, other), log=messages.append)

@@ -92,7 +92,7 @@ def test_bad_state_and_too_little_data(shards: TokenShards, tmp_path: Path) -> N
     with pytest.raises(DataError, match="does not fit this data"):
         s.load_state_dict({"epoch": 0, "index": 10_000})
     small = fake_shards(tmp_path / "small", [20])
-    with pytest.raises(DataError, match="fewer than 2 × training.seq_len"):
+    with pytest.raises(DataError, match=r"fewer than 2 × training\.seq_len"):
         WindowSampler(small, seq_len=16, seed=0)
 
 

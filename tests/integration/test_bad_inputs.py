@@ -1,0 +1,263 @@
+"""Bad input through the CLI: one clear `error: …` line, a non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides, write_corpus
+
+from deepsuite.cli import main
+
+
+def fails(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, code: int = 2) -> str:
+    """Run the CLI, check the exit status and that stderr's last line is one `error: …` matching `pattern`."""
+    import re
+
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error message"
+    assert err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    assert re.search(pattern, err[-1]), err[-1]
+    return err[-1]
+
+
+def train_argv(data: Path, run_dir: Path, **extra: object) -> list[str]:
+    return ["train", *tiny_overrides(data, run_dir, **extra)]
+
+
+def nothing_written(folder: Path) -> bool:
+    return not folder.exists() or (not any(folder.glob("step_*")) and not any(folder.glob("tmp-*")))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with complete checkpoints (steps 2 and 4 of 4)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    assert main(train_argv(tiny_data, run_dir, training__steps=4, training__sample_tokens=0)) == 0
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def test_missing_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails(
+        capsys,
+        ["prepare-data", f"data.source={tmp_path / 'none'}", f"data.out_dir={tmp_path / 'd'}"],
+        r"does not exist",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "empty.txt").write_text("\n \n")
+    fails(
+        capsys,
+        ["prepare-data", f"data.source={tmp_path / 'c'}", f"data.out_dir={tmp_path / 'd'}"],
+        r"holds no text",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_non_utf8_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "c", n_docs=3, lines=5)
+    bad = corpus / "play_01.txt"
+    bad.write_bytes(bad.read_bytes()[:40] + b"\xe9t\xe9" + bad.read_bytes()[40:])
+    fails(
+        capsys,
+        ["prepare-data", f"data.source={corpus}", f"data.out_dir={tmp_path / 'd'}", "data.vocab_size=300"],
+        rf"{bad}: byte 40 is not valid UTF-8",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_token_id_beyond_vocab(capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path) -> None:
+    data = copy_run(tiny_data, tmp_path / "data")
+    arr = np.memmap(data / "train_000.bin", dtype=np.uint16, mode="r+")
+    arr[77] = 999
+    arr.flush()
+    del arr
+    fails(
+        capsys,
+        train_argv(data, tmp_path / "run"),
+        r"train_000\.bin: token id 999 at offset 77 is >= vocab_size=320",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_not_prepared(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails(capsys, train_argv(tmp_path / "nodata", tmp_path / "run"), r"run `deepsuite prepare-data")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_vocab_smaller_than_tokenizer(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path
+) -> None:
+    fails(
+        capsys,
+        train_argv(tiny_data, tmp_path / "run", model__vocab_size=300),
+        r"model.vocab_size=300 is smaller",
+    )
+
+
+# -------------------------------------------------------------------------------------- config
+
+
+def test_steps_not_positive(capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path) -> None:
+    fails(capsys, train_argv(tiny_data, tmp_path / "run", training__steps=0), r"training.steps=0 must be > 0")
+    fails(
+        capsys, train_argv(tiny_data, tmp_path / "run", training__steps=-3), r"training.steps=-3 must be > 0"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_not_divisible(capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path) -> None:
+    fails(
+        capsys,
+        train_argv(tiny_data, tmp_path / "run", training__global_batch_size=6, training__micro_batch_size=4),
+        r"global_batch_size=6 is not divisible",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_dir(capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    fails(capsys, train_argv(tiny_data, blocker / "run"), r"checkpoint.dir=.* is not writable")
+    argv = train_argv(tiny_data, tmp_path / "ok") + [f"logging.run_dir={blocker / 'logs'}"]
+    fails(capsys, argv, r"logging.run_dir=.* is not writable")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_of_another_model(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, finished: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = sorted(p.name for p in run_dir.iterdir())
+    fails(
+        capsys,
+        train_argv(tiny_data, run_dir, training__steps=6, model__d_model=48),
+        r"trained with model.d_model=32 but the config has model.d_model=48",
+    )
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_corrupt_checkpoint(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, finished: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(finished, tmp_path / "run")
+    target = run_dir / "step_4" / "deepspeed" / "mp_rank_00_model_states.pt"
+    with open(target, "r+b") as f:
+        f.truncate(100)
+    fails(
+        capsys,
+        train_argv(tiny_data, run_dir, training__steps=6),
+        r"step_4 is corrupt: .*mp_rank_00_model_states.pt has 100 bytes",
+    )
+    # same size, garbage inside: the weights-only reader fails on it
+    state = json.loads((run_dir / "step_4" / "state.json").read_text())
+    state["files"]["deepspeed/mp_rank_00_model_states.pt"] = 100
+    (run_dir / "step_4" / "state.json").write_text(json.dumps(state))
+    fails(capsys, train_argv(tiny_data, run_dir, training__steps=6), r"step_4 is corrupt: .*cannot be read")
+    assert not (run_dir / "step_6").exists()
+
+
+def test_incomplete_checkpoint_given_explicitly(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, finished: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(finished, tmp_path / "run")
+    (run_dir / "step_2" / "state.json").unlink()
+    fails(
+        capsys,
+        train_argv(tiny_data, tmp_path / "new", checkpoint__resume=run_dir / "step_2"),
+        r"step_2 is incomplete \(no state.json\)",
+    )
+    assert nothing_written(tmp_path / "new")
+
+
+def test_resume_flag_without_checkpoint(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path
+) -> None:
+    fails(
+        capsys,
+        [*train_argv(tiny_data, tmp_path / "run"), "--resume"],
+        r"--resume: .*does not exist|no checkpoint",
+    )
+
+
+class Payload:
+    """Unpickling this calls Path.touch(marker): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def plant_payload(ckpt: Path, marker: Path) -> None:
+    import torch
+
+    target = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
+    state = torch.load(target, weights_only=True)
+    state["evil"] = Payload(marker)
+    torch.save(state, target)
+    meta = json.loads((ckpt / "state.json").read_text())
+    meta["files"]["deepspeed/mp_rank_00_model_states.pt"] = target.stat().st_size  # size check passes
+    (ckpt / "state.json").write_text(json.dumps(meta))
+
+
+def test_pickled_payload_is_refused_not_run(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, finished: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(finished, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    plant_payload(run_dir / "step_4", marker)
+    # sanity: an unrestricted load of the planted file would run the payload
+    import torch
+
+    probe = tmp_path / "probe.pt"
+    torch.save({"x": Payload(tmp_path / "probe-ran")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()
+
+    fails(
+        capsys,
+        train_argv(tiny_data, run_dir, training__steps=6),
+        r"refusing to load .*mp_rank_00_model_states.pt.*pickled object",
+    )
+    fails(capsys, ["generate", "--checkpoint", str(run_dir), "--prompt", "x"], r"refusing to load")
+    fails(capsys, ["convert", "zero-to-hf", str(run_dir), str(tmp_path / "hf")], r"refusing to load")
+    assert not marker.exists()
+    assert not (run_dir / "step_6").exists() and not (tmp_path / "hf").exists()
+
+
+def test_generate_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails(capsys, ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"], r"does not exist")
+
+
+def test_non_finite_loss_stops_without_checkpoint(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    fails(
+        capsys,
+        train_argv(tiny_data, run_dir, optim__lr=1e30, training__grad_clip=0, checkpoint__every=0),
+        r"non-finite loss \(nan\) at step \d+; stopped without saving a checkpoint",
+        code=3,
+    )
+    assert nothing_written(run_dir) and not (run_dir / "latest").exists()
