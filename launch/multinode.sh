@@ -59,6 +59,10 @@ fi
 is_host=false
 if ((NODE_RANK == 0)); then is_host=true; fi
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
+# A fresh worker store for every restart attempt. By default torchrun shares the rendezvous store
+# with the workers across attempts; the process-group keys of a killed attempt (same group names)
+# then linger and a restarted rank can read a dead peer's address ("Connection refused").
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 cd "$ROOT"
 set -x
