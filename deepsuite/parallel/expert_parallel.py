@@ -286,3 +286,20 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
     for name, param in params.items():
         param.copy_(saved[name].to(param.device, param.dtype))
     return len(params)
+
+
+def parallelize_experts(model: nn.Module, world_size: int, zero_stage: int, ep_size: int) -> nn.Module:
+    """The trainer's entry point: validate the layout, create the groups, shard the experts.
+
+    ``parallelize_model`` calls this with ``(model, dims.world_size, cfg.parallel.zero_stage,
+    cfg.parallel.ep_size)`` after the weights are initialised and before the optimizer is built.
+    Collective when ``ep_size > 1`` (every rank must call it).
+    """
+    from deepsuite.parallel.groups import init_parallel_groups, validate_parallel_layout
+
+    layers = expert_parallel_modules(model)
+    n_experts = int(layers[0][1].n_routed_experts) if layers else None  # type: ignore[arg-type]
+    validate_parallel_layout(world_size, zero_stage, ep_size, n_experts)
+    if ep_size == 1:
+        return model
+    return apply_expert_parallel(model, init_parallel_groups(ep_size, n_experts))
