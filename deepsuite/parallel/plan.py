@@ -361,7 +361,14 @@ def format_plan(model_name: str, p: MemoryPlan, fixes: list[MemoryPlan] | None =
 
 
 def find_flavor(name: str) -> ModelConfig:
-    """The `ModelConfig` of a flavor name (``deepseek-v3-671b``, ``gpt2-small`` …) in any family."""
+    """The `ModelConfig` of ``flavor`` (``deepseek-v3-671b``, ``gpt2-small`` …), ``family:flavor``, or
+    ``family`` (its first flavor)."""
+    if ":" in name:
+        family, flavor = name.split(":", 1)
+        family_module(family)
+        return ModelConfig(name=family, flavor=flavor)
+    if name in MODEL_FAMILIES:
+        return ModelConfig(name=name, flavor=next(iter(family_module(name).FLAVORS)))
     for family in MODEL_FAMILIES:
         if name in family_module(family).FLAVORS:
             return ModelConfig(name=family, flavor=name)

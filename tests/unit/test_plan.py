@@ -154,5 +154,7 @@ def test_671b_on_32_nodes_prints_and_suggests(v3_counts, capsys) -> None:
 def test_find_flavor() -> None:
     assert find_flavor("gpt2-xl").name == "gpt"
     assert find_flavor("deepseek-v3-671b").name == "deepseek_v3"
+    assert find_flavor("deepseek_v3:deepseek-v3-debug").flavor == "deepseek-v3-debug"
+    assert find_flavor("gpt").name == "gpt"
     with pytest.raises(ConfigError, match="not a known flavor"):
         find_flavor("llama-3")
