@@ -133,3 +133,50 @@ def test_elastic_restart_after_sigkill_matches_uninterrupted(tmp_path: Path, uni
     assert sorted(resumed) == list(range(1, 31))
     for step in range(21, 31):
         assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed[step], ref[step])
+
+
+def test_torchrun_sh_dry_run_validates_the_layout_on_every_rank() -> None:
+    env = cpu_env(NGPU="2", CONFIG="configs/debug.yaml", MASTER_PORT=str(free_port()))
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / "torchrun.sh"), "--dry-run", "parallel.zero_stage=2"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "world: 2 rank(s)" in out.stdout and "stage: 2" in out.stdout
+    bad = subprocess.run(
+        ["bash", str(ROOT / "launch" / "torchrun.sh"), "--dry-run", "parallel.ep_size=3"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "parallel.ep_size=3" in bad.stdout + bad.stderr
+
+
+def test_slurm_sbatch_runs_one_multinode_agent_per_node(tmp_path: Path) -> None:
+    """slurm.sbatch with stub `scontrol`/`srun` (one local task per "node"): a 2-node dry run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "127.0.0.1\\nnode-b\\n"\n')
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        'while [[ "$1" == --* ]]; do shift; done\n'
+        "pids=()\n"
+        'for id in 0 1; do SLURM_NODEID=$id "$@" & pids+=($!); done\n'
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = cpu_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID=f"job{free_port()}",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        NGPU="1",
+        MASTER_PORT=str(free_port()),
+    )
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "--dry-run"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 nodes x 1 GPUs, rendezvous 127.0.0.1:" in out.stdout
+    assert "world: 2 rank(s)" in out.stdout
