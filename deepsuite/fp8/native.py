@@ -187,18 +187,32 @@ def _mm_block_dequantized(a: Float8Quantized, b: Float8Quantized, out_dtype: tor
     return (a.dequantize(torch.bfloat16) @ b.dequantize(torch.bfloat16).t()).to(out_dtype)
 
 
+# Scale-grid layouts tried by the probe, most likely first (from torch's own blockwise samples:
+# 1×128 scales of the first operand stored outer-dimension-major; 128×128 scales of the second as
+# the transpose of a row-major (N/128, K/128 padded to a multiple of 4) grid).
+_BLOCK_LAYOUTS: tuple[tuple[bool, bool], ...] = ((True, True), (True, False), (False, True), (False, False))
+
+
 def _mm_block_direct(
     a: Float8Quantized, b: Float8Quantized, out_dtype: torch.dtype, layout: int
 ) -> torch.Tensor:
-    """One ``_scaled_mm`` with block scale grids (Hopper + recent cuBLAS).
+    """One ``_scaled_mm`` with block scale grids (Hopper + cuBLAS ≥ 12.9).
 
-    ``scale_a`` is ``(M, K/128)`` for 1×128 tiles and ``scale_b`` is ``(K/128, N/128)`` for 128×128
-    blocks or ``(K/128, N)`` for 1×128 tiles. cuBLAS wants 1×128 scales of the first operand
-    stored outer-dimension-major (``layout`` 0); ``layout`` 1 tries them row-major.
+    ``scale_a`` is ``(M, K/128)`` for 1×128 tiles; ``scale_b`` is ``(K/128, N/128)`` for 128×128
+    blocks or ``(K/128, N)`` for 1×128 tiles. ``layout`` picks the memory layout of the grids
+    (`_BLOCK_LAYOUTS`): (first operand outer-dimension-major, second as a transposed padded grid).
     """
+    a_outer_major, b_transposed = _BLOCK_LAYOUTS[layout]
     inv_a = a.scale.reciprocal()  # (M, K/128)
-    inv_a = inv_a.t().contiguous().t() if layout == 0 else inv_a.contiguous()
-    inv_b = b.scale.reciprocal().t().contiguous()  # (K/128, N/bb)
+    inv_a = inv_a.t().contiguous().t() if a_outer_major else inv_a.contiguous()
+    inv_b = b.scale.reciprocal()  # (N/bb, K/128)
+    if b_transposed:
+        k_blocks = inv_b.shape[1]
+        if b.block[0] > 1:  # 128×128: pad the K-block count to a multiple of 4
+            inv_b = F.pad(inv_b, (0, -k_blocks % 4), value=1.0)
+        inv_b = inv_b.contiguous().t()[:k_blocks]  # (K/128, N/bb), a view of a row-major (N/bb, K/128) grid
+    else:
+        inv_b = inv_b.t().contiguous()  # (K/128, N/bb) row-major
     out = torch._scaled_mm(a.data, b.data.t(), scale_a=inv_a, scale_b=inv_b, out_dtype=torch.bfloat16)
     return out.to(out_dtype)
 
@@ -216,7 +230,7 @@ def _direct_block_layout(device: str, b_rows_per_block: int, a_dtype: torch.dtyp
     a = quantize(x, TILE_1x128, a_dtype)
     b = quantize(w, (b_rows_per_block, 128), E4M3)
     reference = _mm_block_kslices(a, b, torch.float32)
-    for layout in (0, 1):
+    for layout in range(len(_BLOCK_LAYOUTS)):
         try:
             direct = _mm_block_direct(a, b, torch.float32, layout)
         except (RuntimeError, ValueError, NotImplementedError) as err:
