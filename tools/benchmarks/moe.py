@@ -97,7 +97,7 @@ def model_flops(cfg: dict[str, int]) -> float:
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Time deepsuite vs transformers (eager, grouped_mm); return results with ratios."""
+    """Time deepsuite vs transformers (eager, grouped_mm); return results with ratios (medians)."""
     cfg = QUICK if quick else FULL
     ours, refs = build(cfg, device)
     g = torch.Generator(device=device).manual_seed(1)
@@ -118,11 +118,14 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     iters = 3 if quick else 5
     peak = matmul_peak_flops(device, torch.float32, n=1024 if quick else 2048)
     flops = model_flops(cfg)
-    seconds = {"deepsuite": time_fn(lambda: step(ours, x, grad), device, warmup=1, iters=iters)}
-    for impl, ref in refs.items():
-        seconds[f"transformers_{impl}"] = time_fn(
-            lambda ref=ref: step(ref, x, grad), device, warmup=1, iters=iters
-        )
+    modules: dict[str, torch.nn.Module] = {"deepsuite": ours}
+    modules.update({f"transformers_{impl}": ref for impl, ref in refs.items()})
+    # interleaved rounds: on a shared machine a neighbour's load then hits every implementation alike
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(iters):
+        for name, module in modules.items():
+            times[name].append(time_fn(lambda m=module: step(m, x, grad), device, warmup=0, iters=1))
+    seconds = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     rows = []
     for name, s in seconds.items():
         rows.append(
