@@ -244,6 +244,23 @@ def _direct_block_layout(device: str, b_rows_per_block: int, a_dtype: torch.dtyp
     return None
 
 
+def _mm_block_cuda(a: Float8Quantized, b: Float8Quantized, out_dtype: torch.dtype) -> torch.Tensor:
+    """Block-scaled product on CUDA: cuBLAS block scaling where the probe validated it (and only on
+    shapes like the probe's: M, N multiples of 128, K of 512), else the bf16 fallback."""
+    m, k = a.data.shape
+    n = b.data.shape[0]
+    if m % 128 == 0 and n % 128 == 0 and k % 512 == 0:
+        layout = _direct_block_layout(str(a.data.device), b.block[0], a.data.dtype)
+        if layout is not None:
+            try:
+                return _mm_block_direct(a, b, out_dtype, layout)
+            except (RuntimeError, ValueError) as err:
+                logger.info(
+                    "block-scaled _scaled_mm failed for %s x %s (%s); bf16 fallback", a.shape, b.shape, err
+                )
+    return _mm_block_dequantized(a, b, out_dtype)
+
+
 def scaled_matmul(
     a: Float8Quantized,
     b: Float8Quantized,
@@ -266,13 +283,8 @@ def scaled_matmul(
     else:
         if a.block[1] != b.block[1]:
             raise ValueError(f"block operands must share the K tile width, got {a.block} and {b.block}")
-        layout = None
         if a.data.is_cuda:
-            layout = _direct_block_layout(str(a.data.device), b.block[0], a.data.dtype)
-        if layout is not None:
-            out = _mm_block_direct(a, b, out_dtype, layout)
-        elif a.data.is_cuda:
-            out = _mm_block_dequantized(a, b, out_dtype)
+            out = _mm_block_cuda(a, b, out_dtype)
         else:
             out = _mm_block_kslices(a, b, out_dtype)
     return out[:m, :n]
