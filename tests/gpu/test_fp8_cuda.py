@@ -66,9 +66,16 @@ def test_block_scaled_mm_probe_consistent(caplog: pytest.LogCaptureFixture) -> N
     print("\n".join(r.getMessage() for r in caplog.records))
     print(f"direct block-scaled _scaled_mm layout: {layout}")
     torch.manual_seed(1)
-    a = quantize(torch.randn(512, 1024, device="cuda"), TILE_1x128, E4M3)
-    b = quantize(torch.randn(768, 1024, device="cuda"), BLOCK_128x128, E4M3)
-    assert _rel(scaled_matmul(a, b), _mm_block_kslices(a, b, torch.float32)) < 1e-2
+    for b_block, a_dtype in ((BLOCK_128x128, E4M3), (TILE_1x128, E5M2)):  # forward/dgrad, wgrad
+        for m, k, n in ((512, 1024, 768), (1024, 2048, 1024)):  # shapes that take the direct path
+            a = quantize(torch.randn(m, k, device="cuda"), TILE_1x128, a_dtype)
+            b = quantize(torch.randn(n, k, device="cuda"), b_block, E4M3)
+            assert _rel(scaled_matmul(a, b), _mm_block_kslices(a, b, torch.float32)) < 1e-2, (
+                b_block,
+                m,
+                k,
+                n,
+            )
 
 
 @needs_fp8
