@@ -86,5 +86,17 @@ for stage in (0, 1, 2, 3):
     result[f"zero{stage}"] = losses
     result[f"zero{stage}_max_rel"] = rel
     result[f"zero{stage}_bytes"] = measured
+    if args.dir is not None:
+        # consolidation of this stage's checkpoint (DeepSpeed's zero_to_fp32 for ZeRO-1/2/3) == the weights
+        from deepsuite.parallel.consolidate import consolidate_state_dict
+
+        engine.save_checkpoint(str(args.dir / f"zero{stage}"), tag="final")
+        dist.barrier()
+        sd = consolidate_state_dict(args.dir / f"zero{stage}", tag="final")
+        ref_sd = ref.state_dict()
+        assert set(sd) >= {k for k, _ in ref.named_parameters()}, sorted(set(ref_sd) - set(sd))
+        worst = max(float((sd[k] - v).abs().max()) for k, v in ref.named_parameters())
+        assert worst < 1e-4, f"ZeRO-{stage}: consolidated weights differ from the reference by {worst}"
+        result[f"zero{stage}_consolidated_max_abs"] = worst
     del engine, optimizer
 write(args, result)
