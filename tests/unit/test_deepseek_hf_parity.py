@@ -235,3 +235,42 @@ def test_save_hf_is_read_by_transformers_and_keeps_mtp(tmp_path: Any) -> None:
     assert reloaded.args == ours.args
     for (name, a), b in zip(ours.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_mtp_module_equals_transformers_mtp_layer() -> None:
+    """Our MTP module on the same weights as transformers' `MtpModel` layer (enorm/hnorm order,
+    eh_proj, block, shared_head.norm = post_norm): same h^1."""
+    from transformers.modeling_layers import MtpModel
+
+    hf = random_hf_model(CONFIGS["q_lora_yarn_groups"])
+    ours = to_deepsuite(hf, mtp_depth=1)
+    with torch.no_grad():
+        for name, p in ours.mtp.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.25)
+        ours.mtp[0].block.ffn.e_score_correction_bias.normal_(0.0, 0.2)
+    sd = {}
+    for key, t in ours.mtp.state_dict().items():
+        key = key.removeprefix("0.")
+        if key == "norm.weight":
+            sd["layers.0.post_norm.weight"] = t
+        elif key.startswith("block."):
+            sub = key.removeprefix("block.")
+            sd[
+                "layers.0.mtp_block."
+                + hf_adapter._BLOCK.get(sub, sub.replace("ffn.experts.", "mlp.experts."))
+            ] = t
+        else:
+            sd["layers.0." + key] = t
+    mtp = MtpModel(hf, 1).eval()
+    missing, unexpected = mtp.load_state_dict(sd, strict=False)
+    assert not unexpected and sorted(missing) == [
+        "embed_tokens.weight",
+        "shared_head.weight",
+    ]  # shared with hf
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = ours.hidden_states(ids)
+        got = ours.mtp_hidden_states(1, h[:, :11], ids[:, 1:])  # h_i with Emb(t_{i+1})
+        # transformers places module 1 at the positions of the embedded tokens (RoPE is relative)
+        expected = mtp.forward_layer(0, h[:, :11], torch.arange(1, 12)[None], None, input_ids=ids[:, 1:])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
