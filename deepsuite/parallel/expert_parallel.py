@@ -298,7 +298,7 @@ def parallelize_experts(model: nn.Module, world_size: int, zero_stage: int, ep_s
     from deepsuite.parallel.groups import init_parallel_groups, validate_parallel_layout
 
     layers = expert_parallel_modules(model)
-    n_experts = int(layers[0][1].n_routed_experts) if layers else None  # type: ignore[arg-type]
+    n_experts = int(layers[0][1].n_routed_experts) if layers else 0  # type: ignore[arg-type]
     validate_parallel_layout(world_size, zero_stage, ep_size, n_experts)
     if ep_size == 1:
         return model

@@ -107,6 +107,8 @@ def validate_parallel_layout(
 ) -> None:
     """Raise one `ConfigError` for a data × expert × ZeRO layout deepsuite does not run correctly.
 
+    ``n_routed_experts``: the model's routed experts per MoE layer (0 = no MoE layer, None = unknown).
+
     Expert parallelism needs ZeRO-1 or ZeRO-2: those reduce and partition expert gradients and
     optimizer states over the expert-data-parallel group, which the 2-rank parity tests prove
     (EP=2 vs one process, 1e-6 relative). ZeRO-3 is refused because DeepSpeed 0.19 partitions
@@ -115,6 +117,11 @@ def validate_parallel_layout(
     path does not match the single-process reference with expert parameters (2.6e-4 relative loss
     drift over 20 steps in the same test); ZeRO-1 costs the same communication and less memory.
     """
+    if ep_size > 1 and n_routed_experts == 0:
+        raise ConfigError(
+            f"parallel.ep_size={ep_size} needs a model with routed experts (a DeepSeek-V3 flavor with "
+            "model.n_routed_experts > 0); set parallel.ep_size=1"
+        )
     validate_ep_size(world_size, ep_size, n_routed_experts)
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1, 2 or 3")

@@ -46,6 +46,7 @@ def test_layout_matches_deepspeed_e_plus_d_order() -> None:
         (8, 3, 2, 8, "zero_stage=3 with parallel.ep_size=2"),
         (8, 0, 2, 8, "zero_stage=0 with parallel.ep_size=2"),
         (8, 2, 0, 8, "must be >= 1"),
+        (8, 2, 2, 0, "needs a model with routed experts"),
     ],
 )
 def test_bad_layouts_name_the_key_and_the_fix(
@@ -133,3 +134,13 @@ def test_all_to_all_dispatcher_on_one_rank_equals_the_single_device_dispatcher(w
         torch.testing.assert_close(a.grad, b.grad, msg=n)
     assert any(n.endswith("dispatcher.deepspeed_moe_registration") for n, _ in mine.named_modules())
     assert set(mine.state_dict()) == set(ref.state_dict())  # the registration adds no state
+
+
+def test_parallelize_experts_refuses_a_model_without_moe_before_any_communication() -> None:
+    from deepsuite.models.registry import build_model
+    from deepsuite.parallel.expert_parallel import parallelize_experts
+
+    gpt = build_model(name="gpt", flavor="gpt2-debug", device="meta")
+    with pytest.raises(ConfigError, match="needs a model with routed experts"):
+        parallelize_experts(gpt, world_size=2, zero_stage=2, ep_size=2)
+    assert parallelize_experts(gpt, world_size=2, zero_stage=0, ep_size=1) is gpt  # nothing to do

@@ -92,7 +92,7 @@ def config(run: Path, ep: int, steps: int, per_run: int = 0) -> object:
                 "micro_batch_size": 4,
                 "eval_every": 1000,
                 "eval_batches": 1,
-                "sample_tokens": 0,
+                "sample_tokens": 8 if native else 0,  # generation under EP is collective (trainer edit)
                 "max_steps_per_run": per_run,
                 "router_bias_update_rate": 0.01,
             },
