@@ -58,7 +58,6 @@ from typing import Any
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import MODEL_FAMILIES, family_module, resolve_model_args
 from deepsuite.config.schema import ModelConfig
-from deepsuite.parallel.groups import validate_parallel_layout
 
 GIB = 1024**3
 # The chunked cross-entropy materialises at most this many rows of fp32 logits (deepsuite.loss).
@@ -231,6 +230,8 @@ def plan(model_cfg: ModelConfig, inp: PlanInput, counts: ParamCounts | None = No
         raise ConfigError(f"parallel.zero_stage={inp.zero_stage} must be 0, 1, 2 or 3")
     if inp.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"training.dtype={inp.dtype!r} must be 'bf16' or 'fp32'")
+    from deepsuite.parallel.groups import validate_parallel_layout
+
     counts = counts or count_params(model_cfg)
     validate_parallel_layout(
         inp.world, inp.zero_stage, inp.ep_size, counts.n_routed_experts if counts.moe_layers else None
@@ -335,7 +336,7 @@ def format_plan(model_name: str, p: MemoryPlan, fixes: list[MemoryPlan] | None =
     """The table `deepsuite plan` prints."""
     c, inp = p.counts, p.inputs
     lines = [
-        f"model {model_name}: {c.total / 1e9:.2f}B parameters ({c.dense / 1e9:.2f}B dense, "
+        f"model {model_name}: {c.total:,} parameters ({c.total / 1e9:.2f}B: {c.dense / 1e9:.2f}B dense, "
         f"{c.routed / 1e9:.2f}B in {c.n_routed_experts} routed experts × {c.moe_layers} MoE layers)",
         f"layout: {_layout(inp)}, {inp.dtype}; dp={inp.world}, ep={inp.ep_size}, edp={inp.world // inp.ep_size}",
         "",
@@ -372,8 +373,12 @@ def find_flavor(name: str) -> ModelConfig:
     for family in MODEL_FAMILIES:
         if name in family_module(family).FLAVORS:
             return ModelConfig(name=family, flavor=name)
+    import difflib
+
     known = sorted(f for fam in MODEL_FAMILIES for f in family_module(fam).FLAVORS)
-    raise ConfigError(f"--model {name!r} is not a known flavor (choose one of {known})")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"--model {name!r} is not a known flavor{hint} (choose one of {', '.join(known)})")
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
