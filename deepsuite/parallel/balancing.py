@@ -30,7 +30,7 @@ def update_router_biases(model: nn.Module, rate: float) -> dict[str, float]:
     layers = moe_layers(model)
     if not layers:
         return {}
-    loads: list[torch.Tensor] = [m.tokens_per_expert.float() for _, m in layers]  # type: ignore[union-attr]
+    loads: list[torch.Tensor] = [m.tokens_per_expert.float() for _, m in layers]  # type: ignore[union-attr,misc]
     flat = all_reduce_sum(torch.cat(loads))  # one collective for all layers
     stats: dict[str, float] = {}
     worst = 0.0

