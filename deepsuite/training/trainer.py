@@ -390,7 +390,10 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
             result.losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}"
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                gnorm=f"{metrics.get('grad_norm', float('nan')):.3f}",
+                tok_s=f"{tokens_per_s:,.0f}",
             )
             if trainer.step % cfg.logging.log_every == 0 or trainer.step == end:
                 logger.log(

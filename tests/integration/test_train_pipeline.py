@@ -165,3 +165,10 @@ def test_plot_metrics(straight: tuple[Path, TrainResult], tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fp8_conversion_step_trains(tiny_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("deepsuite.fp8")
+    result = run(tiny_data, tmp_path, fp8__enabled="true", model__d_model=64, training__sample_tokens=0)
+    assert len(result.losses) == 6 and all(map(torch.isfinite, map(torch.tensor, result.losses)))
+    assert result.losses[-1] < result.losses[0]
