@@ -15,14 +15,18 @@ from deepsuite.fp8.quant import E4M3, E5M2, ROWWISE, TENSORWISE, BLOCK_128x128, 
 
 pytestmark = pytest.mark.gpu
 
-needs_fp8 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-    reason="FP8 matmuls need a GPU of compute capability >= 8.9 (Ada, Hopper)",
-)
-needs_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-    reason="rowwise _scaled_mm kernels need compute capability >= 9.0 (Hopper)",
-)
+
+def _capability_skip(minimum: tuple[int, int], what: str) -> pytest.MarkDecorator:
+    if not torch.cuda.is_available():
+        return pytest.mark.skipif(True, reason=f"needs CUDA (torch {torch.__version__} sees no GPU)")
+    capability = torch.cuda.get_device_capability()
+    return pytest.mark.skipif(
+        capability < minimum, reason=f"{what} need compute capability >= {minimum}, this GPU has {capability}"
+    )
+
+
+needs_fp8 = _capability_skip((8, 9), "FP8 matmuls")
+needs_hopper = _capability_skip((9, 0), "rowwise / block-scaled _scaled_mm kernels")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
