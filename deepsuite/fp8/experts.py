@@ -69,12 +69,14 @@ if GroupedExperts is not None:
             """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
             outputs = []
             start = 0
-            for e, n in enumerate(counts):
+            # unbind: the backward writes each expert's gradient slice once (indexing [e] would
+            # materialise a full-size zero gradient per expert)
+            for n, w_gate_up, w_down in zip(counts, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
                 if n == 0:
                     continue
                 xe = x_sorted[start : start + n]  # (n, D)
-                gate, up = float8_linear(xe, self.gate_up_proj[e], None, self.recipe).chunk(2, dim=-1)
-                outputs.append(float8_linear(F.silu(gate) * up, self.down_proj[e], None, self.recipe))
+                gate, up = float8_linear(xe, w_gate_up, None, self.recipe).chunk(2, dim=-1)  # (n, I) each
+                outputs.append(float8_linear(F.silu(gate) * up, w_down, None, self.recipe))  # (n, D)
                 start += n
             if not outputs:
                 return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
