@@ -122,13 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "plan",
-        help="count a model's parameters on the meta device",
-        description="Build a flavor on the meta device (no memory used) and print its total and activated "
-        "parameters.",
+        help="per-GPU memory and all-to-all traffic of a model on a cluster layout",
+        description="Count the model's parameters on the meta device and print per-GPU parameter, gradient, "
+        "optimizer and activation memory and all-to-all bytes per step for nodes × GPUs × ZeRO stage × "
+        "ep_size × micro-batch × sequence length; says what does not fit and which layouts would.",
     )
-    p.add_argument(
-        "--model", required=True, metavar="NAME", help="flavor (e.g. gpt2-small), family, or family:flavor"
-    )
+    from deepsuite.parallel.plan import add_plan_arguments
+
+    add_plan_arguments(p)
     return parser
 
 
@@ -220,7 +221,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`deepsuite plan`."""
-    from deepsuite.training.plan import plan_main
+    from deepsuite.parallel.plan import plan_main
 
     return plan_main(args)
 

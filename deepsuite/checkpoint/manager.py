@@ -144,6 +144,9 @@ def save_checkpoint(
     barrier()
     _pause_point("tmp_created", step)
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    from deepsuite.parallel.expert_parallel import save_expert_shards
+
+    save_expert_shards(engine, tmp / DS_TAG)  # EP: each EP rank's experts (no-op without EP)
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)
     _write_durable(rng_dir / f"rank_{rank:05d}.json", json.dumps(capture_rng_state()))
@@ -361,6 +364,9 @@ def load_checkpoint(engine: Any, path: Path, rank: int) -> dict[str, Any]:
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no engine state in {path / DS_TAG}")
+    from deepsuite.parallel.expert_parallel import load_expert_shards
+
+    load_expert_shards(engine, path / DS_TAG)  # EP: DeepSpeed's module file holds rank 0's experts only
     rng_file = path / "rng" / f"rank_{rank:05d}.json"
     if rng_file.is_file():
         restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
@@ -383,6 +389,10 @@ def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]
     from deepsuite.parallel.deepspeed import safe_torch_load
 
     tag_dir = path / DS_TAG
+    if any(tag_dir.glob("expert_shard_*.pt")):  # expert parallel: EP-aware merge of the ZeRO shards
+        from deepsuite.parallel.consolidate import consolidate_state_dict
+
+        return consolidate_state_dict(tag_dir)
     if state["zero_stage"] == 0:
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:

@@ -55,12 +55,12 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.M
 
     Data parallelism and ZeRO come from the DeepSpeed engine; here: activation checkpointing
     (`parallel.activation_checkpointing`) and per-block compilation (`parallel.compile`).
-    Expert parallelism (`parallel.ep_size > 1`) is not available yet and is refused.
+    Expert parallelism (`parallel.ep_size > 1`, ZeRO-1/2 only): each rank keeps E/ep_size routed experts
+    and exchanges tokens by all-to-all (`deepsuite.parallel.expert_parallel`).
     """
-    if cfg.parallel.ep_size > 1:
-        raise NotImplementedError(
-            f"parallel.ep_size={cfg.parallel.ep_size}: expert parallelism is not implemented yet; use ep_size=1"
-        )
+    from deepsuite.parallel.expert_parallel import parallelize_experts
+
+    model = parallelize_experts(model, dims.world_size, cfg.parallel.zero_stage, cfg.parallel.ep_size)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.parallel.compile:

@@ -32,9 +32,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW over `param_groups(model)` (handed to DeepSpeed, which needs no JIT build for it)."""
+    """torch AdamW over `param_groups(model)` (handed to DeepSpeed, which needs no JIT build for it).
+
+    Expert-parallel parameters go to extra DeepSpeed "moe" groups (reduced over their
+    expert-data-parallel replicas only); without expert parallelism the groups are unchanged.
+    """
+    from deepsuite.parallel.groups import optimizer_param_groups
+
+    groups = [dict(g, name=f"group{i}") for i, g in enumerate(param_groups(model, cfg.weight_decay))]
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        optimizer_param_groups(groups),
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,

@@ -302,7 +302,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.training.sample_tokens == 0:
             return ""
-        if cfg.parallel.zero_stage == 3 or self.dims.is_main:  # ZeRO-3 gathers weights collectively
+        # ZeRO-3 gathers weights and expert parallelism exchanges tokens collectively: every rank
+        # generates (the same tokens: same seed, same logits)
+        if cfg.parallel.zero_stage == 3 or cfg.parallel.ep_size > 1 or self.dims.is_main:
             tok = Tokenizer(self.tokenizer_path)
             return generate_text(
                 self.engine.module,
@@ -437,8 +439,10 @@ def dry_run(cfg: Config) -> str:
 
     world, rank, local = world_from_env()
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
-    if world % cfg.parallel.ep_size:
-        raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size} does not divide the world size {world}")
+    from deepsuite.parallel.groups import validate_parallel_layout
+
+    n_experts = getattr(resolve_model_args(cfg.model), "n_routed_experts", 0)
+    validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
     return (

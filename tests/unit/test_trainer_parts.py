@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepsuite.config import load_config
+from deepsuite.config import ConfigError, load_config
 from deepsuite.models.registry import build_model
 from deepsuite.parallel.balancing import update_router_biases
 from deepsuite.parallel.dist import ParallelDims
@@ -112,10 +112,11 @@ def test_activation_checkpointing_keeps_names_and_gradients() -> None:
     torch.testing.assert_close(out, ref.generate(x[:, :4], 3, temperature=0.0))
 
 
-def test_expert_parallel_is_refused_clearly_for_now() -> None:
+def test_expert_parallel_needs_routed_experts() -> None:
     cfg = load_config(None, [])
     cfg.parallel.ep_size = 2
-    with pytest.raises(NotImplementedError, match="ep_size=2"):
+    cfg.parallel.zero_stage = 2
+    with pytest.raises(ConfigError, match="ep_size=2 needs a model with routed experts"):
         parallelize_model(tiny_gpt(), ParallelDims(2, 0, 0, ep_size=2), cfg)
 
 
