@@ -148,6 +148,9 @@ class TrainingConfig:
     max_steps_per_run: int = 0
     """Stop after this many steps in this invocation (checkpointing first), e.g. to split a run; 0 = no limit."""
 
+    report_mtp_acceptance: bool = True
+    """At the end of a DeepSeek-V3 run with MTP, decode a few validation prompts greedily with MTP drafting and report the acceptance rate."""
+
 
 @dataclass
 class ParallelConfig:

@@ -97,11 +97,29 @@ class ParamCounts:
     n_routed_experts: int
     moe_layers: int
     shape: dict[str, Any] = field(default_factory=dict)
+    mtp: int = 0
+    """Parameters of the multi-token-prediction modules (shared embedding and head not included)."""
+    mtp_routed: int = 0
+    """Of which routed-expert parameters."""
 
     @property
     def total(self) -> int:
-        """All parameters."""
+        """All parameters (MTP modules included: they are trained and held in memory)."""
         return self.dense + self.routed
+
+    @property
+    def main(self) -> int:
+        """Parameters of the main model, MTP modules excluded (the figure DeepSeek reports, e.g. 671B)."""
+        return self.total - self.mtp
+
+    @property
+    def activated(self) -> int:
+        """Main-model parameters used per token: all but the routed experts a token does not choose."""
+        if not self.n_routed_experts:
+            return self.main
+        k = int(self.shape.get("n_activated_experts", 1))
+        routed_main = self.routed - self.mtp_routed
+        return self.main - routed_main + routed_main * k // self.n_routed_experts
 
 
 @dataclass(frozen=True)
@@ -145,12 +163,16 @@ def count_params(model_cfg: ModelConfig) -> ParamCounts:
         model = get_model_spec(model_cfg.name).model_cls(args)
     moe = expert_parallel_modules(model)
     routed_prefixes = tuple(f"{name}.experts." if name else "experts." for name, _ in moe)
-    dense = routed = 0
+    dense = routed = mtp = mtp_routed = 0
     for name, p in model.named_parameters():
-        if name.startswith(routed_prefixes):
+        is_routed = name.startswith(routed_prefixes)
+        if is_routed:
             routed += p.numel()
         else:
             dense += p.numel()
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            mtp_routed += p.numel() if is_routed else 0
     n_experts = int(getattr(args, "n_routed_experts", 0)) if moe else 0
     return ParamCounts(
         dense=dense,
@@ -158,6 +180,8 @@ def count_params(model_cfg: ModelConfig) -> ParamCounts:
         n_routed_experts=n_experts,
         moe_layers=len(moe),
         shape={k: v for k, v in dataclasses.asdict(args).items() if isinstance(v, int | float | str)},
+        mtp=mtp,
+        mtp_routed=mtp_routed,
     )
 
 
@@ -336,8 +360,20 @@ def format_plan(model_name: str, p: MemoryPlan, fixes: list[MemoryPlan] | None =
     """The table `deepsuite plan` prints."""
     c, inp = p.counts, p.inputs
     lines = [
-        f"model {model_name}: {c.total:,} parameters ({c.total / 1e9:.2f}B: {c.dense / 1e9:.2f}B dense, "
-        f"{c.routed / 1e9:.2f}B in {c.n_routed_experts} routed experts × {c.moe_layers} MoE layers)",
+        f"model {model_name}: {c.main:,} parameters ({c.main / 1e9:.2f}B"
+        + (
+            f" without MTP; MTP modules {c.mtp / 1e9:.2f}B more, {c.total / 1e9:.2f}B in memory"
+            if c.mtp
+            else ""
+        )
+        + ")",
+        f"activated per token: {c.activated / 1e9:.2f}B"
+        + (
+            f"; {c.dense / 1e9:.2f}B dense, {c.routed / 1e9:.2f}B in {c.n_routed_experts} routed experts "
+            f"× {c.moe_layers} MoE layers"
+            if c.n_routed_experts
+            else ""
+        ),
         f"layout: {_layout(inp)}, {inp.dtype}; dp={inp.world}, ep={inp.ep_size}, edp={inp.world // inp.ep_size}",
         "",
         f"{'per GPU':<28}{'GiB':>8}",

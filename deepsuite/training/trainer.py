@@ -38,6 +38,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     checkpoint: str = ""
     sample: str = ""
+    mtp_acceptance: float | None = None
 
 
 def _say(dims: Any, text: str) -> None:
@@ -152,6 +153,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.val_losses: dict[int, float] = {}
+        self.last_val_mtp: dict[str, float] = {}
 
     # -------------------------------------------------------------------------------- building
     def _build_engine(self) -> Any:
@@ -233,6 +235,7 @@ class Trainer:
         micro = layout.micro_batch_size
         gas = layout.gradient_accumulation_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        parts: dict[str, torch.Tensor] = {}  # main_loss, mtp_loss_k, balance_loss summed over micro-batches
         grad_norm: float | None = None
         lr = float(engine.get_lr()[0])
         for m in range(gas):
@@ -242,6 +245,10 @@ class Trainer:
                 out = engine(inputs, labels=labels)
             engine.backward(out.loss)
             loss_sum += out.loss.detach().double()
+            for key, value in out.metrics.items():
+                if key != "total_loss":
+                    value = value.detach().double()
+                    parts[key] = parts[key] + value if key in parts else value
             if m == gas - 1:
                 loss = float(all_reduce_mean(loss_sum / gas))
                 if not math.isfinite(loss):
@@ -258,6 +265,9 @@ class Trainer:
         self.step += 1
         self.tokens_seen += layout.global_batch_size * cfg.training.seq_len
         metrics: dict[str, float] = {"loss": loss, "lr": lr}
+        if parts:
+            stacked = all_reduce_mean(torch.stack([parts[k] for k in sorted(parts)]) / gas)
+            metrics.update({k: float(v) for k, v in zip(sorted(parts), stacked)})
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if self.has_moe:
@@ -282,17 +292,31 @@ class Trainer:
         mine = starts[self.dims.dp_rank :: world]
         my_w = weights[self.dims.dp_rank :: world]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mtp_total: torch.Tensor | None = None  # per MTP depth, same weighting
         self.engine.eval()
         for lo in range(0, len(mine), micro):
             inputs, labels = windows_batch(self.val_data, mine[lo : lo + micro], cfg.training.seq_len)
             w = torch.as_tensor(my_w[lo : lo + micro], dtype=torch.float64, device=self.device)
             with self._autocast():
                 out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
-            # the model's loss is the mean over the micro-batch: weight it by its real windows
-            total[0] += out.loss.double() * w.sum()
+            # the model's loss is the mean over the micro-batch: weight it by its real windows. The
+            # validation loss is the next-token loss alone (`main_loss`), comparable across models
+            # with and without MTP; the MTP depths are reported beside it.
+            main = out.metrics.get("main_loss", out.loss)
+            total[0] += main.double() * w.sum()
             total[1] += w.sum()
+            depths = sorted(k for k in out.metrics if k.startswith("mtp_loss_"))
+            if depths:
+                mtp = torch.stack([out.metrics[k].double() for k in depths]) * w.sum()
+                mtp_total = mtp if mtp_total is None else mtp_total + mtp
         self.engine.train()
         all_reduce_sum(total)
+        self.last_val_mtp = {}
+        if mtp_total is not None:
+            all_reduce_sum(mtp_total)
+            self.last_val_mtp = {
+                f"val_mtp_loss_{i + 1}": float(v / total[1]) for i, v in enumerate(mtp_total)
+            }
         return float(total[0] / total[1])
 
     def sample(self) -> str:
@@ -315,6 +339,44 @@ class Trainer:
                 seed=cfg.training.seed,
             )
         return ""
+
+    @torch.no_grad()
+    def mtp_acceptance(
+        self, n_prompts: int = 4, prompt_len: int = 32, new_tokens: int = 64
+    ) -> dict[str, float]:
+        """Greedy speculative decoding (MTP drafts, main model verifies) on validation prompts.
+
+        Returns ``{"mtp_acceptance": rate, "mtp_drafted": n}``, or ``{}`` when the model has no MTP
+        module or `training.report_mtp_acceptance` is off. Every rank runs it when ZeRO-3 or expert
+        parallelism needs collective forwards; otherwise rank 0 alone.
+        """
+        cfg = self.cfg
+        model: Any = self.engine.module
+        if (
+            not cfg.training.report_mtp_acceptance
+            or getattr(getattr(model, "args", None), "mtp_depth", 0) < 1
+        ):
+            return {}
+        if not (cfg.parallel.zero_stage == 3 or cfg.parallel.ep_size > 1 or self.dims.is_main):
+            return {}
+        limit = int(model.args.max_seq_len)
+        prompt_len = min(prompt_len, limit // 2)
+        new_tokens = max(1, min(new_tokens, limit - prompt_len))
+        tokens = self.val_data.arrays[0]
+        stride = max((len(tokens) - prompt_len) // n_prompts, 1)
+        drafted = accepted = 0
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(n_prompts):
+                window = tokens[i * stride : i * stride + prompt_len].astype(np.int64)
+                ids = torch.as_tensor(window, device=self.device)[None]
+                model.generate(ids, new_tokens, temperature=0, speculative=True)
+                drafted += int(model.last_generation_stats["drafted"])
+                accepted += int(model.last_generation_stats["accepted"])
+        finally:
+            model.train(was_training)
+        return {"mtp_acceptance": accepted / drafted if drafted else 0.0, "mtp_drafted": float(drafted)}
 
 
 def generate_text(
@@ -368,7 +430,14 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         val = trainer.evaluate()
         trainer.val_losses[trainer.step] = val
         result.val_losses[trainer.step] = val
-        logger.log({"step": trainer.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        logger.log(
+            {
+                "step": trainer.step,
+                "val_loss": val,
+                "val_ppl": math.exp(min(val, 50.0)),
+                **trainer.last_val_mtp,
+            }
+        )
         if dims.is_main:
             tqdm.write(f"step {trainer.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.1f}")
 
@@ -413,20 +482,30 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 trainer.step == end and (cfg.checkpoint.save_final or not last)
             ):
                 result.checkpoint = str(trainer.save())
+        bar.close()
+        result.end_step = trainer.step
+        if trainer.step == t.steps:
+            text = trainer.sample()
+            if text:
+                result.sample = text
+                _say(dims, f"--- sample after {trainer.step} steps ---\n{text}\n---")
+            spec = trainer.mtp_acceptance()
+            if spec:
+                result.mtp_acceptance = spec["mtp_acceptance"]
+                logger.log({"step": trainer.step, **spec})
+                _say(
+                    dims,
+                    f"MTP speculative decoding (greedy, validation prompts): {spec['mtp_acceptance']:.1%} of "
+                    f"{int(spec['mtp_drafted'])} drafted tokens accepted",
+                )
+        elif dims.is_main:
+            print(
+                f"stopped at step {trainer.step} of {t.steps} (training.max_steps_per_run); resume to continue",
+                flush=True,
+            )
     finally:
         bar.close()
         logger.close()
-    result.end_step = trainer.step
-    if trainer.step == t.steps:
-        text = trainer.sample()
-        if text:
-            result.sample = text
-            _say(dims, f"--- sample after {trainer.step} steps ---\n{text}\n---")
-    elif dims.is_main:
-        print(
-            f"stopped at step {trainer.step} of {t.steps} (training.max_steps_per_run); resume to continue",
-            flush=True,
-        )
     return result
 
 

@@ -172,3 +172,60 @@ def test_fp8_conversion_step_trains(tiny_data: Path, tmp_path: Path) -> None:
     result = run(tiny_data, tmp_path, fp8__enabled="true", model__d_model=64, training__sample_tokens=0)
     assert len(result.losses) == 6 and all(map(torch.isfinite, map(torch.tensor, result.losses)))
     assert result.losses[-1] < result.losses[0]
+
+
+DSV3 = {
+    "model__name": "deepseek_v3",
+    "model__flavor": "deepseek-v3-debug",
+    "model__d_model": 32,
+    "model__n_layers": 2,
+    "model__n_heads": 2,
+    "model__inter_dim": 64,
+    "model__moe_inter_dim": 16,
+    "model__q_lora_rank": 16,
+    "model__kv_lora_rank": 16,
+    "model__qk_nope_head_dim": 8,
+    "model__qk_rope_head_dim": 8,
+    "model__v_head_dim": 8,
+    "training__mtp_lambda": 0.3,
+    "training__router_bias_update_rate": 0.01,
+}
+
+
+def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(tiny_data: Path, tmp_path: Path) -> None:
+    """A tiny DeepSeek-V3 run with MTP: train records split the loss, the validation loss is the
+    next-token loss alone (recomputed here from the saved weights), the end reports MTP acceptance,
+    and an interrupted run resumes bitwise (router biases included)."""
+    result = run(tiny_data, tmp_path / "a", **DSV3)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    for r in train_rows:
+        assert r["loss"] == pytest.approx(r["main_loss"] + 0.3 * r["mtp_loss_1"], rel=1e-5)
+        assert "expert_load/max_over_mean" in r
+    (spec,) = [r for r in rows if "mtp_acceptance" in r]
+    assert spec["mtp_drafted"] > 0 and 0.0 <= spec["mtp_acceptance"] <= 1.0
+    assert result.mtp_acceptance == spec["mtp_acceptance"]
+
+    # the last validation loss equals the main cross-entropy of the final weights on the eval windows
+    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.data import TokenShards, eval_starts, windows_batch
+
+    model, _, cfg = load_model_from_checkpoint(tmp_path / "a" / "step_6")
+    model.eval()
+    val = TokenShards(tiny_data, "val")
+    starts = eval_starts(val, cfg.training.seq_len, cfg.training.eval_batches * cfg.training.micro_batch_size)
+    main = []
+    with torch.no_grad():
+        for lo in range(0, len(starts), cfg.training.micro_batch_size):
+            inputs, labels = windows_batch(
+                val, starts[lo : lo + cfg.training.micro_batch_size], cfg.training.seq_len
+            )
+            main.append(float(model(inputs, labels=labels).metrics["main_loss"]))
+    last_val = [r for r in rows if "val_loss" in r][-1]
+    assert last_val["val_loss"] == pytest.approx(sum(main) / len(main), rel=1e-5)
+    assert last_val["val_mtp_loss_1"] != pytest.approx(last_val["val_loss"], rel=1e-6)
+
+    first = run(tiny_data, tmp_path / "b", training__max_steps_per_run=3, **DSV3)
+    second = run(tiny_data, tmp_path / "b", **DSV3)
+    assert first.losses + second.losses == result.losses
+    assert second.mtp_acceptance == result.mtp_acceptance

@@ -37,6 +37,9 @@ def test_671b_counts_match_the_published_sizes(v3_counts) -> None:
     assert v3_counts.n_routed_experts == 256
     assert v3_counts.moe_layers == 58 + 1  # 61 layers − 3 dense, + the MTP block
     assert v3_counts.routed == 59 * 256 * 3 * 7168 * 2048
+    # the table's figures: main model without MTP, MTP separately, activated per token
+    assert v3_counts.main == ref["total"] and v3_counts.mtp == ref["mtp"]
+    assert v3_counts.activated == ref["activated"]
 
 
 def test_gpt_has_no_experts() -> None:
@@ -142,6 +145,8 @@ def test_671b_on_32_nodes_prints_and_suggests(v3_counts, capsys) -> None:
     assert plan_main(ns) == 0
     out = capsys.readouterr().out
     assert "deepseek-v3-671b" in out and "32x8 GPUs, ZeRO-2, EP=64" in out
+    assert "671.03B without MTP; MTP modules 11.61B more, 682.64B in memory" in out
+    assert "activated per token: 37.55B" in out
     assert "DOES NOT FIT" in out and "layouts that would fit" in out
     p = plan(
         V3, PlanInput(nodes=32, gpus_per_node=8, zero_stage=2, ep_size=64, activation_checkpointing=True)
