@@ -1,6 +1,8 @@
-"""The `deepsuite` command: train, prepare-data, generate, convert, plan.
+"""The `deepsuite` command: train, prepare-data, generate, convert, consolidate, inspect, plan.
 
-Thin: each subcommand parses its arguments and calls one function of the package. A user error
+Thin: each subcommand parses its arguments and calls one function of the package. The operator tools
+`tools/convert_hf.py`, `tools/consolidate_zero.py` and `tools/inspect_checkpoint.py` are the
+`convert`, `consolidate` and `inspect` subcommands as stand-alone scripts (`tool_main`). A user error
 (bad config, data or checkpoint) prints one line `error: …` on stderr and exits with status 2,
 without a traceback; a diverged run exits with status 3.
 """
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -27,12 +30,88 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+_DESCRIPTIONS = {
+    "convert": "Checkpoint conversions; every output folder is written atomically.",
+    "consolidate": "Consolidate a training checkpoint of any ZeRO stage (expert-parallel shards included) "
+    "into full fp32 weights in one safetensors folder: an HF folder (config.json) or a deepsuite folder "
+    "(model.yaml). Every file is checked with the weights-only unpickler first; the output is written "
+    "atomically.",
+    "inspect": "Describe a training checkpoint (run folder or step_N), a deepsuite model folder or an HF "
+    "folder: model family, flavor and config, step and tokens seen, parameters per dtype, files and "
+    "shard layout (ZeRO stage, world size, EP size, files per rank); check that every file is present "
+    "and readable. Exits 2 with one line when the checkpoint is missing or corrupt.",
+}
+
+
+def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    conv = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
+    for name, text in (
+        (
+            "hf-to-deepsuite",
+            "an HF folder (config.json + safetensors) → a deepsuite folder (model.yaml + safetensors)",
+        ),
+        ("deepsuite-to-hf", "a deepsuite folder or a training checkpoint → an HF folder"),
+        (
+            "zero-to-hf",
+            "a training checkpoint of any ZeRO stage → an HF folder with consolidated fp32 weights",
+        ),
+    ):
+        c = conv.add_parser(name, help=text, description=text)
+        c.add_argument("src", metavar="SRC", help="input folder")
+        c.add_argument("dst", metavar="DST", help="output folder")
+        c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _add_consolidate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="run folder (its `latest` checkpoint) or step_N folder")
+    p.add_argument("dst", metavar="DST", help="output folder")
+    p.add_argument(
+        "--step",
+        "--tag",
+        dest="step",
+        metavar="STEP",
+        help="the checkpoint of the run folder to take, as N or step_N (default: the one `latest` names)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("hf", "deepsuite"),
+        default="hf",
+        help="hf: config.json + HF key names (transformers reads it); deepsuite: model.yaml + deepsuite "
+        "key names (default hf)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path", metavar="PATH", help="run folder, step_N folder, deepsuite model folder or HF folder"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+# subcommands that are also stand-alone scripts in tools/: name -> (help, argument setup)
+_TOOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "convert": (
+        "convert checkpoints between deepsuite, training (ZeRO) and Hugging Face formats",
+        _add_convert_arguments,
+    ),
+    "consolidate": (
+        "a training checkpoint (any ZeRO stage) → one safetensors folder (HF or deepsuite)",
+        _add_consolidate_arguments,
+    ),
+    "inspect": (
+        "describe and check a checkpoint: model, step, tokens, parameters, dtypes, shard layout",
+        _add_inspect_arguments,
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="deepsuite",
         description="Train DeepSeek-V3 and GPT models with DeepSpeed: data preparation, training, "
-        "generation, checkpoint conversion and size planning.",
+        "generation, checkpoint conversion, consolidation and inspection, and size planning.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -98,27 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
 
-    p = sub.add_parser(
-        "convert",
-        help="convert checkpoints between deepsuite, training (ZeRO) and Hugging Face formats",
-        description="Checkpoint conversions; every output folder is written atomically.",
-    )
-    conv = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
-    for name, text in (
-        (
-            "hf-to-deepsuite",
-            "an HF folder (config.json + safetensors) → a deepsuite folder (model.yaml + safetensors)",
-        ),
-        ("deepsuite-to-hf", "a deepsuite folder or a training checkpoint → an HF folder"),
-        (
-            "zero-to-hf",
-            "a training checkpoint of any ZeRO stage → an HF folder with consolidated fp32 weights",
-        ),
-    ):
-        c = conv.add_parser(name, help=text, description=text)
-        c.add_argument("src", metavar="SRC", help="input folder")
-        c.add_argument("dst", metavar="DST", help="output folder")
-        c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    for name, (text, add_arguments) in _TOOLS.items():
+        add_arguments(sub.add_parser(name, help=text, description=_DESCRIPTIONS[name]))
 
     p = sub.add_parser(
         "plan",
@@ -172,8 +232,6 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`deepsuite generate`."""
-    from pathlib import Path
-
     from deepsuite.checkpoint.manager import find_checkpoint, load_model_from_checkpoint
     from deepsuite.data import Tokenizer
     from deepsuite.training.trainer import generate_text
@@ -200,6 +258,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overwrite_hint(exc: FileExistsError) -> str:
+    return str(exc).replace("pass overwrite=True", "pass --overwrite")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """`deepsuite convert`."""
     from deepsuite.checkpoint import convert
@@ -214,8 +276,61 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         from deepsuite.config import ConfigError
 
-        raise ConfigError(f"{exc}") from None
+        raise ConfigError(_overwrite_hint(exc)) from None
     print(f"wrote {out}")
+    return 0
+
+
+def _checkpoint_to_consolidate(src: str, step: str | None) -> Path:
+    from deepsuite.checkpoint.manager import DS_TAG, STATE_FILE, CheckpointError, find_checkpoint, step_dirs
+
+    root = Path(src)
+    if root.name == DS_TAG and (root.parent / STATE_FILE).is_file():  # step_N/deepspeed given
+        root = root.parent
+    if step is None:
+        return find_checkpoint(root)
+    name = step if step.startswith("step_") else f"step_{step}"
+    if not (root / name / STATE_FILE).is_file():
+        have = [p.name for _, p in step_dirs(root) if (p / STATE_FILE).is_file()]
+        raise CheckpointError(
+            f"--step {step}: {root / name} is not a complete checkpoint "
+            f"(complete ones in {root}: {', '.join(have) or 'none'})"
+        )
+    return root / name
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    """`deepsuite consolidate`."""
+    from deepsuite.checkpoint.hf_io import save_model
+    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.models.hf import save_hf
+
+    path = _checkpoint_to_consolidate(args.src, args.step)
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        from deepsuite.config import ConfigError
+
+        raise ConfigError(f"{dst} exists and is not empty; pass --overwrite to replace it")  # before the work
+    model, state, _ = load_model_from_checkpoint(path)  # verified, then consolidated (any ZeRO stage, EP)
+    save = save_hf if args.format == "hf" else save_model
+    try:
+        out = save(model, args.dst, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        from deepsuite.config import ConfigError
+
+        raise ConfigError(_overwrite_hint(exc)) from None
+    print(f"wrote {out} ({args.format}, fp32) from {path} (step {state['step']}, ZeRO-{state['zero_stage']})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`deepsuite inspect`."""
+    import json
+
+    from deepsuite.checkpoint.inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -231,6 +346,8 @@ _COMMANDS = {
     "prepare-data": cmd_prepare_data,
     "generate": cmd_generate,
     "convert": cmd_convert,
+    "consolidate": cmd_consolidate,
+    "inspect": cmd_inspect,
     "plan": cmd_plan,
 }
 
@@ -254,9 +371,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `deepsuite` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -271,6 +386,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_DIVERGED
         raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `deepsuite` console script; returns the exit status."""
+    return _run(build_parser().parse_args(argv))
+
+
+def tool_main(command: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of a `tools/` script: the `deepsuite <command>` subcommand (`convert`,
+    `consolidate` or `inspect`) with its own program name; same arguments, errors and exit status."""
+    add_arguments = _TOOLS[command][1]
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{_DESCRIPTIONS[command]} Same as `deepsuite {command}`.",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = command
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ _LAZY = {
     "hf_to_deepsuite": "deepsuite.checkpoint.convert",
     "deepsuite_to_hf": "deepsuite.checkpoint.convert",
     "zero_to_hf": "deepsuite.checkpoint.convert",
+    "inspect_checkpoint": "deepsuite.checkpoint.inspect",
 }
 
 __all__ = sorted(_LAZY)

@@ -209,6 +209,9 @@ class FP8Config:
     exclude: list[str] = field(default_factory=lambda: ["lm_head", "router", "gate", "embed", "eh_proj"])
     """Substrings of module names kept in high precision."""
 
+    grad_dtype: Literal["e5m2", "e4m3"] = "e5m2"
+    """FP8 format of the gradients: e5m2 (range; TE's HYBRID format) or e4m3 (precision; TE's E4M3 format for delayed/current)."""
+
     amax_history_len: int = 16
     """Delayed scaling: length of the amax history."""
 

@@ -154,7 +154,10 @@ def native_scaling_for(cfg: FP8Config) -> tuple[dict[str, Any], list[str]]:
         notes.append(
             "native path has no MX format: recipe 'mxfp8' runs as 1×128/128×128 blocks with power-of-two scales"
         )
-    return {"scaling": scaling, "power_of_two_scales": power_of_two}, notes
+    import torch
+
+    grad_dtype = torch.float8_e4m3fn if cfg.grad_dtype == "e4m3" else torch.float8_e5m2
+    return {"scaling": scaling, "power_of_two_scales": power_of_two, "grad_dtype": grad_dtype}, notes
 
 
 def excluded_by(name: str, exclude: list[str]) -> list[str]:

@@ -91,21 +91,22 @@ def build_recipe(cfg: FP8Config) -> Any:
 
     ``delayed`` → ``DelayedScaling(margin=0, fp8_format=HYBRID, amax_history_len, "max")``;
     ``current`` → ``Float8CurrentScaling(fp8_format=HYBRID)``; HYBRID = e4m3 forward, e5m2
-    gradients. ``block`` → ``Float8BlockScaling()`` (e4m3 everywhere, 1×128 activation and
+    gradients (``fp8.grad_dtype=e4m3`` → format E4M3 everywhere for these two). ``block`` → ``Float8BlockScaling()`` (e4m3 everywhere, 1×128 activation and
     128×128 weight tiles; TE's default power-of-two scales unless NVTE_FP8_BLOCK_SCALING_FP32_SCALES
     is set); ``mxfp8`` → ``MXFP8BlockScaling()`` (1×32 tiles, e8m0 scales).
     """
     recipe = importlib.import_module("transformer_engine.common.recipe")
     fmt = recipe.Format
+    fp8_format = fmt.E4M3 if cfg.grad_dtype == "e4m3" else fmt.HYBRID
     if cfg.recipe == "delayed":
         return recipe.DelayedScaling(
             margin=0,
-            fp8_format=fmt.HYBRID,
+            fp8_format=fp8_format,
             amax_history_len=cfg.amax_history_len,
             amax_compute_algo="max",
         )
     if cfg.recipe == "current":
-        return recipe.Float8CurrentScaling(fp8_format=fmt.HYBRID)
+        return recipe.Float8CurrentScaling(fp8_format=fp8_format)
     if cfg.recipe == "block":
         return recipe.Float8BlockScaling()
     if cfg.recipe == "mxfp8":

@@ -228,7 +228,10 @@ def activation_bytes(shape: dict[str, Any], family: str, inp: PlanInput) -> int:
         first_dense = int(shape["first_k_dense_replace"])
         per_layer = [mla + (dense_ffn if i < first_dense or n_exp == 0 else moe) for i in range(n_blocks)]
         vocab = int(shape["vocab_size"])
-    logits = min(tokens, LOSS_CHUNK_ROWS) * vocab * 4  # fp32 chunk of logits + its gradient
+    from deepsuite.loss.linear_cross_entropy import chunk_rows
+
+    # one fp32 chunk of logits + its gradient, as the chunked linear cross-entropy sizes it
+    logits = min(tokens, chunk_rows(LOSS_CHUNK_ROWS, vocab)) * vocab * 4
     if inp.activation_checkpointing:
         kept = len(per_layer) * d + max(per_layer)  # block inputs + one block being recomputed
     else:

@@ -69,6 +69,14 @@ def test_te_requested_without_te_falls_back_to_native() -> None:
     assert all(m.recipe.scaling == "block" for m in model.modules() if isinstance(m, Float8Linear))
 
 
+@pytest.mark.parametrize(("name", "dtype"), [("e5m2", torch.float8_e5m2), ("e4m3", torch.float8_e4m3fn)])
+def test_grad_dtype_reaches_every_native_linear(name: str, dtype: torch.dtype) -> None:
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    prepare_fp8(model, FP8Config(enabled=True, backend="native", grad_dtype=name))  # type: ignore[arg-type]
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert linears and all(m.recipe.grad_dtype == dtype for m in linears)
+
+
 def test_no_fp8_anywhere_trains_bf16_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fp8, "scaled_mm_unusable_reason", lambda device: "no FP8 GEMM on this test device")
     model = build_model(name="gpt", flavor="gpt2-debug")

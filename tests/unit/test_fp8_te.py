@@ -141,6 +141,8 @@ def test_recipes_from_config(fake_te: dict[str, Any]) -> None:
     assert delayed.kwargs["fp8_format"].name == "HYBRID" and delayed.kwargs["amax_compute_algo"] == "max"
     current = te_path.build_recipe(FP8Config(recipe="current"))
     assert type(current).__name__ == "Float8CurrentScaling" and current.kwargs["fp8_format"].name == "HYBRID"
+    e4m3 = te_path.build_recipe(FP8Config(recipe="current", grad_dtype="e4m3"))
+    assert e4m3.kwargs["fp8_format"].name == "E4M3"
     assert type(te_path.build_recipe(FP8Config(recipe="block"))).__name__ == "Float8BlockScaling"
     assert type(te_path.build_recipe(FP8Config(recipe="mxfp8"))).__name__ == "MXFP8BlockScaling"
 

@@ -1,0 +1,332 @@
+"""The operator tools end to end on checkpoints this module trains itself: `tools/convert_hf.py`,
+`tools/consolidate_zero.py`, `tools/inspect_checkpoint.py`, `tools/plot_metrics.py` and their
+`deepsuite convert|consolidate|inspect` subcommands, as subprocesses, for GPT (ZeRO-0) and
+DeepSeek-V3 (ZeRO-2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from deepsuite.checkpoint.hf_io import read_safetensors, save_model
+from deepsuite.checkpoint.inspect import inspect_checkpoint
+from deepsuite.checkpoint.manager import load_model_from_checkpoint
+from deepsuite.cli import main
+from deepsuite.config import load_config
+from deepsuite.models.hf import save_hf
+from deepsuite.models.registry import get_model_spec
+from deepsuite.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = ["gpt", "deepseek_v3"]
+STEPS, GLOBAL_BATCH, SEQ_LEN = 4, 4, 16  # tiny_overrides' batch and sequence length
+COMMON = dict(training__steps=STEPS, training__eval_every=100, training__sample_tokens=0)
+DEEPSEEK = dict(
+    model__name="deepseek_v3",
+    model__flavor="deepseek-v3-debug",
+    model__n_layers=2,
+    model__inter_dim=64,
+    model__moe_inter_dim=16,
+    model__q_lora_rank=16,
+    model__kv_lora_rank=16,
+    model__qk_nope_head_dim=8,
+    model__qk_rope_head_dim=8,
+    model__v_head_dim=8,
+    model__n_routed_experts=4,
+    model__n_expert_groups=2,
+    model__n_limited_groups=1,
+    parallel__zero_stage=2,
+)
+ZERO_STAGE = {"gpt": 0, "deepseek_v3": 2}
+
+
+def tool(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run `tools/<script>` (when args[0] ends in .py) or `python -m deepsuite …` in a subprocess."""
+    cmd = (
+        [str(ROOT / "tools" / args[0]), *args[1:]] if args[0].endswith(".py") else ["-m", "deepsuite", *args]
+    )
+    proc = subprocess.run(
+        [sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False
+    )
+    assert proc.returncode == expect, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr without DeepSpeed's own log lines (`[2026-… [WARNING] …`)."""
+    return [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[20")]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two 4-step runs checkpointed at steps 2 and 4: GPT under ZeRO-0, DeepSeek-V3 (MoE + MTP) under ZeRO-2."""
+    root = tmp_path_factory.mktemp("tools")
+    out = {}
+    for family, extra in (("gpt", {}), ("deepseek_v3", DEEPSEEK)):
+        run_dir = root / family
+        train(load_config(None, tiny_overrides(tiny_data, run_dir, **COMMON, **extra)))
+        out[family] = run_dir
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(runs: dict[str, Path]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """(model, state) of each run's latest checkpoint."""
+    return {family: load_model_from_checkpoint(run)[:2] for family, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def folders(
+    loaded: dict[str, tuple[Any, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Path]]:
+    """A deepsuite folder and an HF folder of each trained model (written in-process)."""
+    root = tmp_path_factory.mktemp("folders")
+    return {
+        family: {
+            "deepsuite": save_model(model, root / family / "ds"),
+            "hf": save_hf(model, root / family / "hf"),
+        }
+        for family, (model, _) in loaded.items()
+    }
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------ help
+
+
+@pytest.mark.parametrize(
+    ("script", "command"),
+    [
+        ("convert_hf.py", "convert"),
+        ("consolidate_zero.py", "consolidate"),
+        ("inspect_checkpoint.py", "inspect"),
+        ("plot_metrics.py", None),
+    ],
+)
+def test_help_of_each_tool(script: str, command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = tool(script, "--help")
+    assert proc.stdout.startswith(f"usage: {script}" if command else "usage: plot_metrics.py"), proc.stdout
+    if command is not None:
+        assert f"deepsuite {command}" in " ".join(proc.stdout.split())  # says which subcommand it is
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: deepsuite {command}")
+
+
+# ----------------------------------------------------------------------------------- consolidate
+
+
+def test_consolidate_gpt_zero0_to_hf_with_the_tool(
+    runs: dict[str, Path], loaded: dict[str, tuple[Any, dict[str, Any]]], tmp_path: Path
+) -> None:
+    model, _ = loaded["gpt"]
+    out = tmp_path / "hf"
+    proc = tool("consolidate_zero.py", str(runs["gpt"]), str(out))  # latest, --format hf by default
+    assert "step 4" in proc.stdout and "ZeRO-0" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    adapter = get_model_spec("gpt").adapter()
+    assert_same_tensors(read_safetensors(out), adapter.state_dict_to_hf(model.state_dict(), model.args))
+
+
+def test_consolidate_deepseek_zero2_to_deepsuite_with_the_subcommand(
+    runs: dict[str, Path], loaded: dict[str, tuple[Any, dict[str, Any]]], tmp_path: Path
+) -> None:
+    from deepsuite.parallel.deepspeed import safe_torch_load
+
+    model, _ = loaded["deepseek_v3"]
+    run = runs["deepseek_v3"]
+    out = tmp_path / "ds"
+    proc = tool("consolidate", str(run), str(out), "--format", "deepsuite", "--step", "4")
+    assert "step 4" in proc.stdout and "ZeRO-2" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml"]
+    weights = read_safetensors(out)
+    assert_same_tensors(weights, model.state_dict())
+    # independent of DeepSpeed's zero_to_fp32: under ZeRO-2 in fp32 the engine's module copy is the
+    # live model, saved next to the optimizer's fp32 partitions the consolidation reads
+    live = safe_torch_load(run / "step_4" / "deepspeed" / "mp_rank_00_model_states.pt")["module"]
+    assert_same_tensors(weights, dict(live))
+
+
+def test_consolidate_other_steps_and_refusals(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = runs["deepseek_v3"]
+    assert (
+        main(["consolidate", str(run), str(tmp_path / "s2"), "--format", "deepsuite", "--tag", "step_2"]) == 0
+    )
+    assert main(["consolidate", str(run / "step_4"), str(tmp_path / "s4"), "--format", "deepsuite"]) == 0
+    s2, s4 = read_safetensors(tmp_path / "s2"), read_safetensors(tmp_path / "s4")
+    assert not torch.equal(s2["embed.weight"], s4["embed.weight"])  # the run trained between them
+    capsys.readouterr()
+    assert main(["consolidate", str(run), str(tmp_path / "x"), "--step", "9"]) == 2
+    assert main(["consolidate", str(run), str(tmp_path / "s4"), "--format", "deepsuite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+    assert "step_9" in err[0] and "step_2, step_4" in err[0]
+    assert "s4 exists and is not empty; pass --overwrite" in err[1]
+    assert not (tmp_path / "x").exists()
+    assert main(["consolidate", str(run), str(tmp_path / "s4"), "--step", "2", "--overwrite"]) == 0
+    assert (tmp_path / "s4" / "config.json").is_file()  # replaced by the HF folder of step 2
+
+
+# --------------------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_hf_both_directions_and_transformers_parity(
+    family: str,
+    loaded: dict[str, tuple[Any, dict[str, Any]]],
+    folders: dict[str, dict[str, Path]],
+    tmp_path: Path,
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    model, _ = loaded[family]
+    to_hf, to_ds = (
+        (("convert_hf.py",), ("convert",)) if family == "gpt" else (("convert",), ("convert_hf.py",))
+    )
+    tool(*to_hf, "deepsuite-to-hf", str(folders[family]["deepsuite"]), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == {"gpt": "GPT2LMHeadModel", "deepseek_v3": "DeepseekV3ForCausalLM"}[family]
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert ours.abs().max() > 0.05  # not a comparison of near-zero logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    tool(*to_ds, "hf-to-deepsuite", str(tmp_path / "hf"), str(tmp_path / "ds"))
+    assert (tmp_path / "ds" / "model.yaml").is_file()
+    assert_same_tensors(read_safetensors(tmp_path / "ds"), read_safetensors(folders[family]["deepsuite"]))
+
+
+# --------------------------------------------------------------------------------------- inspect
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_reports_step_tokens_and_parameters_on_every_kind(
+    family: str,
+    runs: dict[str, Path],
+    loaded: dict[str, tuple[Any, dict[str, Any]]],
+    folders: dict[str, dict[str, Path]],
+) -> None:
+    model, _ = loaded[family]
+    total = n_params(model)
+    run = runs[family]
+    cases = {
+        "run": (run, "training", STEPS),
+        "step_2": (run / "step_2", "training", 2),
+        "deepsuite": (folders[family]["deepsuite"], "deepsuite", None),
+        "hf": (folders[family]["hf"], "hf", None),
+    }
+    for name, (path, kind, step) in cases.items():
+        report = inspect_checkpoint(path)
+        assert report["kind"] == kind, name
+        assert report["model"]["family"] == family, name
+        assert report["model"]["config"]["d_model"] == 32, name
+        assert report["parameters"] == {"total": total, "by_dtype": {"float32": total}}, name
+        assert report["dtypes"] == ["float32"], name
+        assert report["integrity"]["ok"] is True, name
+        assert report["step"] == step, name
+        if kind == "training":
+            assert report["tokens_seen"] == step * GLOBAL_BATCH * SEQ_LEN, name
+            layout = report["layout"]
+            assert layout["zero_stage"] == ZERO_STAGE[family] and layout["world_size"] == 1
+            assert layout["ep_size"] == 1
+            assert "rng/rank_00000.json" in layout["per_rank"]["0"]
+            if ZERO_STAGE[family] == 2:
+                assert "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt" in layout["per_rank"]["0"]
+            assert "deepspeed/mp_rank_00_model_states.pt" in layout["shared"]
+            ckpt = Path(report["path"])
+            assert layout["total_bytes"] == sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        else:
+            assert report["tokens_seen"] is None
+    latest = inspect_checkpoint(run)
+    assert latest["path"] == str(run / "step_4")  # through `latest`
+    assert latest["model"]["flavor"] == {"gpt": "gpt2-debug", "deepseek_v3": "deepseek-v3-debug"}[family]
+
+    # the same through the tool (--json) and the subcommand (table)
+    script = ("inspect_checkpoint.py",) if family == "gpt" else ("inspect",)
+    report = json.loads(tool(*script, str(run), "--json").stdout)
+    assert report["step"] == STEPS and report["tokens_seen"] == STEPS * GLOBAL_BATCH * SEQ_LEN
+    assert report["parameters"]["total"] == total
+    other = ("inspect",) if family == "gpt" else ("inspect_checkpoint.py",)
+    table = tool(*other, str(folders[family]["hf"])).stdout
+    assert f"parameters  {total:,} " in table and "kind        HF folder" in table
+
+
+def test_inspect_exits_2_with_one_line_on_a_corrupt_checkpoint(
+    runs: dict[str, Path],
+    folders: dict[str, dict[str, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bad_run = tmp_path / "run"
+    shutil.copytree(runs["gpt"], bad_run)
+    states = bad_run / "step_4" / "deepspeed" / "mp_rank_00_model_states.pt"
+    with open(states, "r+b") as f:
+        f.truncate(states.stat().st_size // 2)
+    lines = error_lines(tool("inspect_checkpoint.py", str(bad_run), expect=2))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "mp_rank_00_model_states.pt" in lines[0]
+    assert "Traceback" not in lines[0]
+
+    bad_hf = tmp_path / "hf"
+    shutil.copytree(folders["deepseek_v3"]["hf"], bad_hf)
+    weights = bad_hf / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    lines = error_lines(tool("inspect", str(bad_hf), expect=2))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors is corrupt" in lines[0]
+
+    # same for a lying header (every byte present, one tensor's range wrong) and a missing folder
+    bad_ds = tmp_path / "ds"
+    shutil.copytree(folders["gpt"]["deepsuite"], bad_ds)
+    raw = (bad_ds / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [header[key]["shape"][0] + 1, *header[key]["shape"][1:]]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    text = text.ljust(n)  # safetensors pads its header with spaces
+    (bad_ds / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + n :])
+    capsys.readouterr()
+    assert main(["inspect", str(bad_ds)]) == 2
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert "wrong byte range" in err[0] and "does not exist" in err[1]
+
+
+# ---------------------------------------------------------------------------------- plot_metrics
+
+
+def test_plot_metrics_of_two_runs_writes_a_png(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "metrics.png"
+    tool("plot_metrics.py", *(str(runs[f] / "metrics.jsonl") for f in FAMILIES), "--out", str(out))
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND"
+    length, chunk = struct.unpack(">I4s", data[8:16])
+    assert chunk == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])  # IHDR's checksum
+    assert width >= 1000 and height >= 300  # three or four panels side by side
+    assert len(data) > 20_000  # lines, labels and legends, not an empty canvas
