@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold (default off)"
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="DeepSeek-V3 with MTP: greedy decoding drafted by the MTP module and verified by the main model "
+        "(same tokens as --temperature 0); prints the acceptance rate on stderr",
+    )
 
     for name, (text, add_arguments) in _TOOLS.items():
         add_arguments(sub.add_parser(name, help=text, description=_DESCRIPTIONS[name]))
@@ -244,17 +250,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, state, _ = load_model_from_checkpoint(path)
     tok_path = path / "tokenizer.model"
     tok = Tokenizer(tok_path if tok_path.is_file() else Path(state["tokenizer"]))
+    if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
+        from deepsuite.config import ConfigError
+
+        raise ConfigError(
+            f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "
+            "drop --speculative"
+        )
     text = generate_text(
         model,
         tok,
         args.prompt,
         args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=0.0 if args.speculative else args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
         seed=args.seed,
+        speculative=args.speculative,
     )
     print(text)
+    if args.speculative:
+        stats = model.last_generation_stats
+        print(
+            f"MTP speculative decoding: {stats['acceptance_rate']:.1%} of {stats['drafted']} drafted tokens accepted, "
+            f"{stats['main_passes']} main-model passes for {stats['new_tokens']} tokens",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -390,13 +390,19 @@ def generate_text(
     top_k: int | None = 50,
     top_p: float | None = None,
     seed: int = 0,
+    speculative: bool = False,
 ) -> str:
-    """Decode `prompt` + `max_new_tokens` sampled tokens."""
+    """Decode `prompt` + `max_new_tokens` sampled tokens (greedy MTP-drafted with ``speculative``)."""
     ids = tok.encode(prompt) or [tok.eos_id]
     limit = getattr(getattr(model, "args", None), "max_seq_len", None)
     if limit is not None:
         max_new_tokens = max(0, min(max_new_tokens, limit - len(ids)))
     gen = torch.Generator(device=device).manual_seed(seed)
+    if speculative:
+        out = model.generate(  # type: ignore[operator]
+            torch.tensor([ids], device=device), max_new_tokens, temperature=0, speculative=True
+        )
+        return str(tok.decode(out[0].tolist()))
     out = model.generate(  # type: ignore[operator]
         torch.tensor([ids], device=device),
         max_new_tokens,

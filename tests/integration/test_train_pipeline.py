@@ -109,6 +109,9 @@ def test_generate_cli(straight: tuple[Path, TrainResult], capsys: pytest.Capture
     assert main(argv) == 0
     assert capsys.readouterr().out == first and first.startswith("ROMEO:")
     assert main([*argv[:-2], "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]) == 0
+    # --speculative needs an MTP module: a GPT checkpoint gets one error line and exit 2
+    assert main([*argv[:-2], "--speculative"]) == 2
+    assert "drafts with the MTP module" in capsys.readouterr().err
 
 
 def test_convert_to_hf_matches_the_trained_model(straight: tuple[Path, TrainResult], tmp_path: Path) -> None:
@@ -192,7 +195,9 @@ DSV3 = {
 }
 
 
-def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(tiny_data: Path, tmp_path: Path) -> None:
+def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A tiny DeepSeek-V3 run with MTP: train records split the loss, the validation loss is the
     next-token loss alone (recomputed here from the saved weights), the end reports MTP acceptance,
     and an interrupted run resumes bitwise (router biases included)."""
@@ -224,6 +229,17 @@ def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(tiny_data: Path, t
     last_val = [r for r in rows if "val_loss" in r][-1]
     assert last_val["val_loss"] == pytest.approx(sum(main) / len(main), rel=1e-5)
     assert last_val["val_mtp_loss_1"] != pytest.approx(last_val["val_loss"], rel=1e-6)
+
+    # `deepsuite generate --speculative` prints the plain greedy text and the acceptance rate
+    from deepsuite.cli import main
+
+    argv = ["generate", "--checkpoint", str(tmp_path / "a"), "--prompt", "ROMEO:", "--max-new-tokens", "12"]
+    capsys.readouterr()  # the training output
+    assert main([*argv, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*argv, "--speculative"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == greedy and "drafted tokens accepted" in captured.err
 
     first = run(tiny_data, tmp_path / "b", training__max_steps_per_run=3, **DSV3)
     second = run(tiny_data, tmp_path / "b", **DSV3)
