@@ -14,12 +14,13 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv install train test lint typecheck pytest docker bench clean
+.PHONY: help venv install train test lint typecheck pytest docker bench bench-gpu clean
 
 help:
 	@echo "make train   - create .venv, install, prepare the embedded corpus, train configs/default.yaml on CPU, sample"
 	@echo "make test    - create .venv, install with dev extras, run ruff, mypy, hadolint and pytest"
 	@echo "make bench   - run every benchmark in tools/benchmarks and write a JSON of ratios"
+	@echo "make bench-gpu - on a CUDA machine: tests/gpu, the MFU/FP8 benchmark and every benchmark on cuda"
 	@echo "make docker  - build the cluster image from docker/Dockerfile"
 
 $(PY):
@@ -55,6 +56,12 @@ test: install lint typecheck pytest
 
 bench: install
 	$(PY) tools/benchmarks/run_all.py --out tools/benchmarks/results/cpu.json
+
+# on a CUDA machine (install torch for CUDA with TORCH_SPEC first): GPU tests, then MFU / FP8 benchmarks
+bench-gpu: install
+	$(PY) -m pytest -q tests/gpu -o addopts="" -rs
+	$(PY) tools/benchmarks/mfu_gpu.py
+	$(PY) tools/benchmarks/run_all.py --device cuda
 
 docker:
 	docker build -f docker/Dockerfile -t deepsuite:latest .

@@ -142,6 +142,14 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return t
 
 
+def amax_reduction_group() -> Any:
+    """The process group over which FP8 delayed-scaling amaxes are reduced (every rank: data-parallel
+    replicas must agree on their scales), or None in a world of one."""
+    if is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a world of one)."""
     if is_initialized() and dist.get_world_size() > 1:

@@ -169,6 +169,12 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         model = spec.parallelize_fn()(model, self.dims, cfg)
         self.fp8 = _prepare_fp8(model, cfg)
+        if self.fp8 is not None and hasattr(self.fp8, "amax_group"):
+            from deepsuite.parallel.dist import amax_reduction_group
+
+            self.fp8.amax_group = (
+                amax_reduction_group()
+            )  # TE delayed scaling: one scale per tensor across ranks
         if self.fp8 is not None:
             _say(self.dims, str(getattr(self.fp8, "summary", "")))
         self.model = model
