@@ -52,13 +52,24 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, key in zip(axes[0], panels):
         for name, rows in runs.items():
-            steps, values = series(rows, key)
-            if steps:
-                ax.plot(steps, values, label=f"{name} train" if key == "loss" else name)
             if key == "loss":
+                # the next-token loss when the run logged it apart from MTP (comparable with the
+                # validation loss, which is the next-token loss), else the optimised loss
+                main = "main_loss" if any("main_loss" in r for r in rows) else "loss"
+                steps, values = series(rows, main)
+                line = ax.plot(steps, values, label=f"{name} train")[0] if steps else None
                 vsteps, vvalues = series(rows, "val_loss")
                 if vsteps:
-                    ax.plot(vsteps, vvalues, "o--", label=f"{name} val")
+                    color = line.get_color() if line is not None else None
+                    ax.plot(vsteps, vvalues, "o--", color=color, label=f"{name} val")
+                msteps, mvalues = series(rows, "mtp_loss_1")
+                if msteps:
+                    color = line.get_color() if line is not None else None
+                    ax.plot(msteps, mvalues, ":", color=color, alpha=0.6, label=f"{name} train MTP depth 1")
+                continue
+            steps, values = series(rows, key)
+            if steps:
+                ax.plot(steps, values, label=name)
         ax.set_title(
             {"loss": "loss", "lr": "learning rate", "tokens_per_s": "tokens / s"}.get(
                 key, "expert load max/mean"
