@@ -44,8 +44,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     tail = loads[-max(1, len(loads) // 10) :]
     vals = [r for r in rows if "val_loss" in r]
     last = loads[-1]
+    rate = None
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        resolved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        rate = resolved.get("training", {}).get("router_bias_update_rate")
     return {
         "run": str(run_dir),
+        "router_bias_update_rate": rate,
         "steps": int(last["step"]),
         "final_max_over_mean": float(last[KEY]),
         "tail_mean_max_over_mean": sum(float(r[KEY]) for r in tail) / len(tail),
