@@ -93,4 +93,6 @@ result["moe_max_abs_err"] = float((y - y_ref[mine]).abs().max())
 result["moe_local_experts"] = int(ep.experts.n_experts)
 result["registration_is_deepspeed_moe"] = type(ep.dispatcher.deepspeed_moe_registration).__mro__[1].__name__
 write(args, result)
+# both ranks leave together: tearing gloo down while the peer is still connected can abort
+dist.barrier()
 dist.destroy_process_group()
