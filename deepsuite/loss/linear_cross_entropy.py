@@ -17,6 +17,15 @@ Two ways to get the gradient, chosen by ``precompute_grad``:
   ``softmax - smoothed one-hot`` scaled per token by the upstream gradient, and accumulates the
   gradients. Four matmuls, but no gradient work when ``backward`` never runs.
 
+**Precision.** The three vocabulary matmuls run in the *matmul dtype*: the inputs' dtype, or under
+``torch.autocast`` the autocast dtype (as ``F.linear`` would); the softmax, the loss and the
+gradient accumulators are float32 (float64 for float64 inputs). With a bfloat16/float16 matmul dtype
+the chunk buffer holds that dtype (so twice the tokens fit the budget): the matmul writes the
+logits rounded once, as materialised logits under autocast would be; row blocks of them go through
+a small float32 scratch (softmax, loss, ``d loss / d logits``), which is rounded back into the
+buffer for the two gradient matmuls; a float32 weight gradient is accumulated over the chunks in
+float32.
+
 Ignored tokens (``labels == ignore_index``) are dropped before any matmul: they cost nothing, get a
 zero loss and a zero gradient. Semantics match ``F.cross_entropy`` on the materialised logits,
 including label smoothing (``(1 - s)·nll + s·mean_c(-log p_c)``) and the mean over an all-ignored
@@ -25,13 +34,22 @@ batch (NaN loss, zero gradients).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 _CHUNK_BYTES = 256 * 1024 * 1024
-"""Upper bound on one chunk of float32 logits; ``chunk_size`` is capped so that chunk×V×4 fits."""
+"""Upper bound on one chunk of logits; ``chunk_size`` is capped so that chunk×V×element_size fits."""
+
+_SCRATCH_BYTES = 128 * 1024 * 1024
+"""Float32 scratch for row blocks of low-precision logits. Not smaller: CPU row reductions over a
+few rows of a 50k vocabulary slow down many-fold with 2 threads on shared cores (measured: ``amax``
+over 83-row blocks 10x slower than over 2048 rows; 512–1024-row blocks as fast as whole chunks)."""
+
+_ADD_BLOCK_BYTES = 8 * 1024 * 1024
+"""Row blocks of the mixed-dtype weight-gradient add: its float32 temporaries stay small enough
+for the allocator to reuse them (large ones are fresh pages, paid in page faults on every call)."""
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -44,17 +62,10 @@ def chunk_rows(chunk_size: int, vocab_size: int, element_size: int = 4) -> int:
 def _logits_into(
     out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``out = h @ weight.T + bias`` written into the compute-dtype buffer ``out``  # (m, V)."""
-    if h.dtype == out.dtype:
-        if bias is None:
-            torch.mm(h, weight.t(), out=out)
-        else:
-            torch.addmm(bias, h, weight.t(), out=out)
-    else:
-        # Low-precision inputs: the matmul runs in the input dtype (fp32 accumulation inside the
-        # kernel, as with materialised logits) and everything after it in float32.
-        out.copy_(F.linear(h, weight, bias))
-    return out
+    """``out = h @ weight.T + bias``, all in the matmul dtype  # (m, V)."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
 def _softmax_(z: torch.Tensor) -> torch.Tensor:
@@ -79,27 +90,84 @@ def _subtract_targets_(z: torch.Tensor, y: torch.Tensor, label_smoothing: float)
     return z
 
 
+def _forward_block_(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float,
+    lse: torch.Tensor,
+    loss: torch.Tensor,
+    gradient: bool,
+) -> None:
+    """Float logits ``z`` (m, V) -> per-token ``lse`` and ``loss`` (written); ``z`` becomes the
+    softmax, or ``d loss_i / d logits_i`` when ``gradient``."""
+    s = label_smoothing
+    z_target = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (m,)
+    z_max = z.amax(dim=1)  # (m,)
+    z_mean = z.mean(dim=1) if s > 0.0 else None
+    p = _softmax_(z)
+    # p at the argmax is 1 / sum(exp(z - z_max)) >= 1/V: it never underflows, so this
+    # log-sum-exp is as accurate as the direct one.
+    lse_c = z_max - p.amax(dim=1).log()
+    lse.copy_(lse_c)
+    if z_mean is None:
+        loss.copy_(lse_c - z_target)
+    else:
+        loss.copy_(lse_c - (1.0 - s) * z_target - s * z_mean)
+    if gradient:
+        _subtract_targets_(p, y, s)
+
+
+def _backward_block_(
+    z: torch.Tensor, y: torch.Tensor, label_smoothing: float, lse: torch.Tensor, token_grad: torch.Tensor
+) -> None:
+    """Float logits ``z`` (m, V) -> ``token_grad_i · d loss_i / d logits_i`` in place, from the saved ``lse``."""
+    p = z.sub_(lse.unsqueeze(1)).exp_()
+    _subtract_targets_(p, y, label_smoothing)
+    p.mul_(token_grad.unsqueeze(1))
+
+
+def _float_blocks(low: torch.Tensor, scratch: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row blocks of the low-precision logits ``low`` (m, V), each upcast into ``scratch``."""
+    step = scratch.shape[0]
+    for r0 in range(0, low.shape[0], step):
+        rows = slice(r0, min(r0 + step, low.shape[0]))
+        yield rows, scratch[: rows.stop - r0].copy_(low[rows])
+
+
 def _accumulate_grads(
     z: torch.Tensor,
     h: torch.Tensor,
     weight: torch.Tensor,
     grad_h: torch.Tensor | None,
     grad_w: torch.Tensor | None,
-    grad_b: torch.Tensor | None,
-    scale: float,
+    alpha: float,
+    first: bool,
+    grad_w_low: torch.Tensor | None = None,
 ) -> None:
-    """Add one chunk's gradient contributions; ``z`` holds d loss / d logits  # (m, V)."""
+    """Add one chunk's ``grad_h = alpha·z @ W`` (written) and ``grad_w += alpha·zᵀ @ h``.
+
+    ``z`` (m, V), ``h`` and ``weight`` share the matmul dtype; the accumulators are in the compute
+    dtype. ``first``: ``grad_w`` holds no values yet (it is written, not added to). A low-precision
+    ``alpha·zᵀ @ h`` goes through ``grad_w_low`` (V, D) and is added to ``grad_w`` in row blocks.
+    """
     if grad_h is not None:
-        if weight.dtype == z.dtype:
-            torch.mm(z, weight, out=grad_h)  # (m, D)
+        if z.dtype == grad_h.dtype:
+            torch.addmm(grad_h, z, weight, beta=0.0, alpha=alpha, out=grad_h)  # (m, D)
         else:
-            grad_h.copy_(torch.mm(z.to(weight.dtype), weight))
-        if scale != 1.0:
-            grad_h.mul_(scale)
-    if grad_w is not None:
-        grad_w.addmm_(z.t(), h.to(z.dtype), alpha=scale)  # (V, D), accumulated in place
-    if grad_b is not None:
-        grad_b.add_(z.sum(dim=0), alpha=scale)
+            grad_h.copy_(torch.mm(z, weight)).mul_(alpha)
+    if grad_w is None:
+        return
+    if z.dtype == grad_w.dtype:
+        grad_w.addmm_(z.t(), h, beta=0.0 if first else 1.0, alpha=alpha)  # (V, D), in place
+        return
+    assert grad_w_low is not None
+    grad_w_low.addmm_(z.t(), h, beta=0.0, alpha=alpha)  # alpha applied before the rounding
+    if first:
+        grad_w.copy_(grad_w_low)
+        return
+    step = max(1, _ADD_BLOCK_BYTES // (grad_w.shape[1] * grad_w.element_size()))
+    for r0 in range(0, grad_w.shape[0], step):
+        grad_w[r0 : r0 + step].add_(grad_w_low[r0 : r0 + step])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -116,11 +184,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         precompute: bool,
         needs_grad: tuple[bool, bool, bool],
+        matmul_dtype: torch.dtype,
     ) -> torch.Tensor:
         n_tokens, d_model = hidden.shape
         vocab_size = weight.shape[0]
-        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        compute_dtype = torch.float64 if matmul_dtype == torch.float64 else torch.float32
         device = hidden.device
+        # the matmul operands, cast once (no-ops unless autocast chose a lower dtype)
+        w_mm = weight.to(matmul_dtype)
+        b_mm = None if bias is None else bias.to(matmul_dtype)
 
         labels = labels.long()  # gather/scatter index dtype
         valid_index = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
@@ -129,14 +201,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden, labels
         else:
             h, y = hidden.index_select(0, valid_index), labels.index_select(0, valid_index)
+        h = h.to(matmul_dtype)
         if n_valid and (int(y.min()) < 0 or int(y.max()) >= vocab_size):
             raise ValueError(
                 f"linear_cross_entropy: labels must lie in [0, {vocab_size}) or equal ignore_index="
                 f"{ignore_index}; got values in [{int(y.min())}, {int(y.max())}]"
             )
 
-        rows = chunk_rows(chunk_size, vocab_size)
-        logits = torch.empty(min(rows, n_valid), vocab_size, dtype=compute_dtype, device=device)
+        buffers = _ChunkBuffers(chunk_size, n_valid, vocab_size, d_model, matmul_dtype, compute_dtype, device)
         loss = torch.empty(n_valid, dtype=compute_dtype, device=device)  # (M,)
         lse = torch.empty(n_valid, dtype=compute_dtype, device=device)  # (M,)
 
@@ -147,36 +219,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if precompute:
             need_h, need_w, need_b = needs_grad
             grad_h = torch.empty(n_valid, d_model, dtype=compute_dtype, device=device) if need_h else None
-            grad_w = torch.zeros(vocab_size, d_model, dtype=compute_dtype, device=device) if need_w else None
+            grad_w = torch.empty(vocab_size, d_model, dtype=compute_dtype, device=device) if need_w else None
             grad_b = torch.zeros(vocab_size, dtype=compute_dtype, device=device) if need_b else None
+            if grad_w is not None and n_valid == 0:
+                grad_w.zero_()
 
         s = label_smoothing
-        for start in range(0, n_valid, rows):
-            end = min(start + rows, n_valid)
+        for start in range(0, n_valid, buffers.rows):
+            end = min(start + buffers.rows, n_valid)
             h_c, y_c = h[start:end], y[start:end]
-            z = _logits_into(logits[: end - start], h_c, weight, bias)  # (m, V)
-            z_target = z.gather(1, y_c.unsqueeze(1)).squeeze(1)  # (m,)
-            z_max = z.amax(dim=1)  # (m,)
-            z_mean = z.mean(dim=1) if s > 0.0 else None
-            p = _softmax_(z)
-            # p at the argmax is 1 / sum(exp(z - z_max)) >= 1/V: it never underflows, so this
-            # log-sum-exp is as accurate as the direct one.
-            lse_c = z_max - p.amax(dim=1).log()
-            lse[start:end] = lse_c
-            if z_mean is None:
-                loss[start:end] = lse_c - z_target
+            z = _logits_into(buffers.logits[: end - start], h_c, w_mm, b_mm)  # (m, V) matmul dtype
+            if buffers.scratch is None:
+                _forward_block_(z, y_c, s, lse[start:end], loss[start:end], precompute)
+                if grad_b is not None:
+                    grad_b.add_(z.sum(dim=0), alpha=scale)
             else:
-                loss[start:end] = lse_c - (1.0 - s) * z_target - s * z_mean
+                for rows, z_f in _float_blocks(z, buffers.scratch):
+                    t = slice(start + rows.start, start + rows.stop)
+                    _forward_block_(z_f, y_c[rows], s, lse[t], loss[t], precompute)
+                    if precompute:
+                        if grad_b is not None:
+                            grad_b.add_(z_f.sum(dim=0), alpha=scale)
+                        z[rows].copy_(z_f)  # d loss / d logits, rounded for the matmuls
             if precompute:
-                _subtract_targets_(p, y_c, s)
                 _accumulate_grads(
-                    p,
+                    z,
                     h_c,
-                    weight,
+                    w_mm,
                     None if grad_h is None else grad_h[start:end],
                     grad_w,
-                    grad_b,
                     scale,
+                    first=start == 0,
+                    grad_w_low=buffers.grad_w_low(grad_w is not None),
                 )
 
         if reduction == "mean":
@@ -203,7 +277,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.label_smoothing = s
             ctx.chunk_size = chunk_size
-            ctx.save_for_backward(hidden, weight, bias, valid_index, y, lse)
+            # the matmul-dtype operands: backward recomputes the logits exactly as above
+            ctx.save_for_backward(h, w_mm, b_mm, valid_index, y, lse)
         return out
 
     @staticmethod
@@ -228,7 +303,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if t is not None:
                     t.mul_(g)  # in place: the accumulators are ours alone
         else:
-            hidden, weight, bias, valid_index, y, lse = ctx.saved_tensors
+            h, w_mm, b_mm, valid_index, y, lse = ctx.saved_tensors
             compute_dtype = lse.dtype
             device = lse.device
             if ctx.reduction == "none":
@@ -238,28 +313,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if ctx.reduction == "mean":
                     scale = scale / max(n_valid, 1)
                 token_grad = scale.expand(n_valid)
-            h = hidden if n_valid == n_tokens else hidden.index_select(0, valid_index)  # (M, D)
+            vocab_size = w_mm.shape[0]
             grad_h = torch.empty(n_valid, d_model, dtype=compute_dtype, device=device) if need_h else None
-            grad_w = (
-                torch.zeros(weight.shape[0], d_model, dtype=compute_dtype, device=device) if need_w else None
+            grad_w = torch.empty(vocab_size, d_model, dtype=compute_dtype, device=device) if need_w else None
+            grad_b = torch.zeros(vocab_size, dtype=compute_dtype, device=device) if need_b else None
+            if grad_w is not None and n_valid == 0:
+                grad_w.zero_()
+            buffers = _ChunkBuffers(
+                ctx.chunk_size, n_valid, vocab_size, d_model, w_mm.dtype, compute_dtype, device
             )
-            grad_b = torch.zeros(weight.shape[0], dtype=compute_dtype, device=device) if need_b else None
-            rows = chunk_rows(ctx.chunk_size, weight.shape[0])
-            logits = torch.empty(min(rows, n_valid), weight.shape[0], dtype=compute_dtype, device=device)
-            for start in range(0, n_valid, rows):
-                end = min(start + rows, n_valid)
-                z = _logits_into(logits[: end - start], h[start:end], weight, bias)  # (m, V)
-                p = z.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax from the saved lse
-                _subtract_targets_(p, y[start:end], ctx.label_smoothing)
-                p.mul_(token_grad[start:end].unsqueeze(1))
+            s = ctx.label_smoothing
+            for start in range(0, n_valid, buffers.rows):
+                end = min(start + buffers.rows, n_valid)
+                z = _logits_into(buffers.logits[: end - start], h[start:end], w_mm, b_mm)  # (m, V)
+                if buffers.scratch is None:
+                    _backward_block_(z, y[start:end], s, lse[start:end], token_grad[start:end])
+                    if grad_b is not None:
+                        grad_b.add_(z.sum(dim=0))
+                else:
+                    for rows, z_f in _float_blocks(z, buffers.scratch):
+                        t = slice(start + rows.start, start + rows.stop)
+                        _backward_block_(z_f, y[t], s, lse[t], token_grad[t])
+                        if grad_b is not None:
+                            grad_b.add_(z_f.sum(dim=0))
+                        z[rows].copy_(z_f)
                 _accumulate_grads(
-                    p,
+                    z,
                     h[start:end],
-                    weight,
+                    w_mm,
                     None if grad_h is None else grad_h[start:end],
                     grad_w,
-                    grad_b,
                     1.0,
+                    first=start == 0,
+                    grad_w_low=buffers.grad_w_low(grad_w is not None),
                 )
 
         grad_hidden = None
@@ -271,7 +357,56 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden.index_copy_(0, valid_index, grad_h.to(h_dtype))
         grad_weight = grad_w.to(w_dtype) if need_w and grad_w is not None else None
         grad_bias = grad_b.to(b_dtype) if need_b and grad_b is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+class _ChunkBuffers:
+    """The per-call work buffers: one chunk of logits in the matmul dtype (``rows`` tokens within
+    ``_CHUNK_BYTES``) and, when that dtype is lower than the compute dtype, the float scratch for its
+    row blocks and (allocated on first use) the low-precision ``(V, D)`` weight-gradient product."""
+
+    def __init__(
+        self,
+        chunk_size: int,
+        n_valid: int,
+        vocab_size: int,
+        d_model: int,
+        matmul_dtype: torch.dtype,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.rows = chunk_rows(chunk_size, vocab_size, matmul_dtype.itemsize)
+        m = min(self.rows, n_valid)
+        self.logits = torch.empty(m, vocab_size, dtype=matmul_dtype, device=device)
+        self.scratch: torch.Tensor | None = None
+        if matmul_dtype != compute_dtype:
+            block = max(1, min(m, _SCRATCH_BYTES // (vocab_size * compute_dtype.itemsize)))
+            self.scratch = torch.empty(block, vocab_size, dtype=compute_dtype, device=device)
+        self._shape = (vocab_size, d_model)
+        self._grad_w_low: torch.Tensor | None = None
+
+    def grad_w_low(self, needed: bool) -> torch.Tensor | None:
+        """The ``(V, D)`` matmul-dtype product buffer for a low-precision weight gradient."""
+        if not needed or self.scratch is None:
+            return None
+        if self._grad_w_low is None:
+            self._grad_w_low = self.logits.new_empty(self._shape)
+        return self._grad_w_low
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the vocabulary matmuls: autocast's when it is on for ``hidden``'s device (and
+    nothing is float64), else the one dtype that ``hidden``, ``weight`` and ``bias`` must share."""
+    dtypes = {hidden.dtype, weight.dtype} | (set() if bias is None else {bias.dtype})
+    device_type = hidden.device.type
+    if torch.float64 not in dtypes and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"linear_cross_entropy: hidden, weight and bias must share a dtype, got {hidden.dtype}, "
+            f"{weight.dtype}, {None if bias is None else bias.dtype}"
+        )
+    return hidden.dtype
 
 
 def linear_cross_entropy(
@@ -291,11 +426,13 @@ def linear_cross_entropy(
     Equal to ``F.cross_entropy((hidden @ weight.T + bias).float().flatten(0, -2), labels.flatten(),
     ignore_index=..., label_smoothing=..., reduction=...)`` in value and gradients, but the full
     ``(tokens, vocab)`` logits never exist: at most ``chunk_rows(chunk_size, V)`` tokens' float32
-    logits do (≤ 256 MiB).
+    logits do (≤ 256 MiB; plus as many in the matmul dtype when that is lower). Under
+    ``torch.autocast`` the matmuls run in the autocast dtype, as ``F.linear`` would there.
 
     Args:
         hidden: ``(..., D)`` final hidden states, float32/float64/bfloat16/float16.
-        weight: ``(V, D)`` output projection, same dtype as ``hidden``.
+        weight: ``(V, D)`` output projection, same dtype as ``hidden`` (under autocast any
+            floating dtype but float64).
         labels: ``(...)`` integer targets aligned with ``hidden`` (no shift inside); entries equal to
             ``ignore_index`` contribute nothing.
         ignore_index: label value to skip.
@@ -327,11 +464,7 @@ def linear_cross_entropy(
             f"linear_cross_entropy: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
             f"got {tuple(labels.shape)}"
         )
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(
-            f"linear_cross_entropy: hidden, weight and bias must share a dtype, got {hidden.dtype}, "
-            f"{weight.dtype}, {None if bias is None else bias.dtype}"
-        )
+    matmul_dtype = _matmul_dtype(hidden, weight, bias)
     if labels.is_floating_point():
         raise ValueError(f"linear_cross_entropy: labels must be integer class indices, got {labels.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -350,18 +483,21 @@ def linear_cross_entropy(
     else:
         precompute = precompute_grad and any(needs_grad)
 
-    out = _LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        bias,
-        labels.reshape(-1),
-        ignore_index,
-        float(label_smoothing),
-        reduction,
-        int(chunk_size),
-        precompute,
-        needs_grad,
-    )
+    # autocast off inside: the Function casts to ``matmul_dtype`` itself, once per operand
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _LinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            bias,
+            labels.reshape(-1),
+            ignore_index,
+            float(label_smoothing),
+            reduction,
+            int(chunk_size),
+            precompute,
+            needs_grad,
+            matmul_dtype,
+        )
     if reduction == "none":
         return out.view(labels.shape)
     return out

@@ -137,13 +137,61 @@ def test_all_ignored_matches_torch(reduction, label_smoothing):
         assert (g == 0).all() and (r == 0).all()
 
 
-def test_bfloat16_within_bf16_tolerance():
+def test_bfloat16_within_bf16_tolerance(monkeypatch):
+    monkeypatch.setattr(lce_module, "_SCRATCH_BYTES", 3 * 97 * 4)  # float blocks of 3 rows
     hidden, weight, bias, labels = make_case(shape=(4, 6), d_model=32, vocab=97, dtype=torch.bfloat16)
     loss, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, label_smoothing=0.1, chunk_size=7)
     assert loss.dtype == torch.float32
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
     torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-2)
     for g, r in zip(grads, ref_grads):
+        assert_rel_close(g, r, 2e-2)
+
+
+@pytest.mark.parametrize("precompute_grad", [None, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_matches_naive_under_autocast(monkeypatch, reduction, precompute_grad):
+    """float32 leaves under CPU autocast: bf16 matmuls (as F.linear there), float32 loss and
+    gradients; several chunks, and float blocks of 2 rows with a partial one."""
+    monkeypatch.setattr(lce_module, "_SCRATCH_BYTES", 2 * 97 * 4)
+    hidden, weight, bias, labels = make_case(shape=(4, 6), d_model=32, vocab=97, dtype=torch.float32)
+    kw = {"label_smoothing": 0.1, "reduction": reduction}
+    upstream = torch.randn(
+        labels.shape if reduction == "none" else (), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(
+            hidden, weight, labels, bias=bias, chunk_size=7, precompute_grad=precompute_grad, **kw
+        )
+        naive = naive_linear_cross_entropy(hidden, weight, labels, bias=bias, **kw)
+    assert loss.dtype == torch.float32
+    leaves = (hidden, weight, bias)
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    naive_grads = torch.autograd.grad(naive, leaves, upstream)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    assert_rel_close(loss, naive, 2e-3)
+    for g, r in zip(grads, naive_grads):
+        assert_rel_close(g, r, 2e-2)
+    # the matmuls did run in bf16: the float32 result differs, the float64 reference is near
+    fp32 = linear_cross_entropy(hidden, weight, labels, bias=bias, **kw)
+    assert not torch.equal(loss, fp32)
+    ref, *_ = reference(hidden, weight, bias, labels, **kw)
+    assert_rel_close(loss, ref, 2e-2)
+
+
+def test_autocast_accepts_mixed_dtypes():
+    hidden, weight, _, labels = make_case(shape=(2, 5), d_model=16, vocab=41, dtype=torch.float32, bias=False)
+    hidden = hidden.detach().bfloat16().requires_grad_(True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        linear_cross_entropy(hidden, weight, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels)
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    ref, h, w, _ = reference(hidden, weight, None, labels)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    assert_rel_close(loss, ref, 2e-2)
+    for g, r in zip((grad_h, grad_w), ref_grads):
         assert_rel_close(g, r, 2e-2)
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepsuite.layers.moe import DeepSeekMoE, MoERouter, TokenDispatcher, sequence_balance_loss
+from deepsuite.layers.moe import (
+    DeepSeekMoE,
+    GroupedExperts,
+    MoERouter,
+    TokenDispatcher,
+    sequence_balance_loss,
+)
 
 D, I, E = 16, 8, 8
 
@@ -239,12 +245,14 @@ def test_dispatcher_roundtrip() -> None:
     torch.testing.assert_close(d.combine(xs, w, state), x * w.sum(1, keepdim=True))
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_grouped_mm_and_loop_paths_agree_with_empty_experts(use_grouped_mm: bool) -> None:
+@pytest.mark.parametrize("implementation", ["auto", "cpu_split", "grouped_mm", "loop"])
+def test_expert_kernels_agree_with_empty_experts(implementation: str) -> None:
     moe = make_moe(n_activated_experts=1)
     with torch.no_grad():
         moe.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))  # experts 2..7 idle
-    moe.experts.use_grouped_mm = use_grouped_mm
+    moe.experts.implementation = implementation
+    moe.experts.min_rows_per_split = 1  # two blocks per expert GEMM even for these few rows
+    moe.experts.cpu_threads = 2
     x = torch.randn(1, 6, D, dtype=torch.float32, requires_grad=True)
     out = moe(x)
     ref_moe = make_moe(n_activated_experts=1).double()
@@ -257,3 +265,69 @@ def test_grouped_mm_and_loop_paths_agree_with_empty_experts(use_grouped_mm: bool
     grad = moe.experts.gate_up_proj.grad
     assert grad is not None and grad[2:].abs().sum() == 0
     torch.testing.assert_close(grad.double(), ref_moe.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-4)
+
+
+def _experts_step(
+    experts: GroupedExperts, x: torch.Tensor, counts: list[int], grad: torch.Tensor
+) -> list[torch.Tensor]:
+    experts.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    out = experts(xi, counts)
+    out.backward(grad)
+    grads = [p.grad for p in (xi, experts.gate_up_proj, experts.down_proj)]
+    assert all(g is not None for g in grads)
+    return [out.detach(), *grads]  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_split_blocks_match_the_loop(threads: int) -> None:
+    """Row blocks with leftovers, empty experts, and a weight-gradient dim that ``threads`` does
+    not divide (2I = 10): every output and gradient equals the per-expert loop (float64)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(5, 12, 5).double()
+    experts.init_weights(std=0.3)
+    counts = [7, 0, 4, 11, 1]
+    x = torch.randn(sum(counts), 12, dtype=torch.float64)
+    grad = torch.randn(sum(counts), 12, dtype=torch.float64)
+    experts.implementation = "loop"
+    ref = _experts_step(experts, x, counts, grad)
+    experts.implementation = "cpu_split"
+    experts.cpu_threads, experts.min_rows_per_split = threads, 1
+    got = _experts_step(experts, x, counts, grad)
+    for name, a, b in zip(("out", "x", "gate_up_proj", "down_proj"), got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
+    assert got[2][1].abs().sum() == 0 and got[3][1].abs().sum() == 0  # idle expert: zero gradient
+
+
+def test_cpu_split_with_frozen_experts_gives_the_input_gradient_only() -> None:
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 8, 4).double()
+    experts.init_weights(std=0.3)
+    experts.requires_grad_(False)
+    counts = [3, 5, 2]
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    experts.implementation = "cpu_split"
+    experts.cpu_threads, experts.min_rows_per_split = 2, 1
+    experts(x, counts).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    experts.implementation = "loop"
+    experts(x_ref, counts).sum().backward()
+    assert experts.gate_up_proj.grad is None
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_auto_kernel_choice() -> None:
+    experts = GroupedExperts(4, 16, 8)
+    x32 = torch.zeros(3, 16)
+    assert experts._kernel(x32) == "cpu_split"
+    assert experts.double()._kernel(x32.double()) == "cpu_split"
+    experts.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert experts._kernel(x32) == "grouped_mm"  # the split kernel has no autocast rules
+    assert experts.bfloat16()._kernel(x32.bfloat16()) == "grouped_mm"
+    odd = GroupedExperts(4, 12, 6).bfloat16()  # rows of 24 / 12 bytes: grouped_mm wants 16-byte strides
+    assert odd._kernel(torch.zeros(3, 12, dtype=torch.bfloat16)) == "loop"
+    experts.use_grouped_mm = False
+    assert experts.implementation == "loop" and experts._kernel(x32) == "loop"
+    experts.use_grouped_mm = True
+    assert experts.implementation == "auto"

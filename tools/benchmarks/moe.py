@@ -143,6 +143,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         "matmul_peak_gflops": peak / 1e9,
         "model_gflops_fwd_bwd": flops / 1e9,
         "rows": rows,
+        # which expert kernel deepsuite's "auto" chose here (see GroupedExperts)
+        "deepsuite_experts_kernel": ours.experts._kernel(x.view(-1, cfg["d_model"])),
         "speedup_vs_eager": seconds["transformers_eager"] / seconds["deepsuite"],
         "speedup_vs_grouped_mm": seconds["transformers_grouped_mm"] / seconds["deepsuite"],
         "goal": "speedup_vs_eager >= 4, speedup_vs_grouped_mm >= 1.2",
@@ -162,6 +164,7 @@ def main() -> None:
         f"matmul peak: {result['matmul_peak_gflops']:.1f} GFLOP/s; model: {result['model_gflops_fwd_bwd']:.1f} GFLOP"
     )
     print_table(result["rows"])
+    print(f"deepsuite experts kernel: {result['deepsuite_experts_kernel']}")
     print(
         f"speed-up vs eager {result['speedup_vs_eager']:.2f}x, vs grouped_mm {result['speedup_vs_grouped_mm']:.2f}x "
         f"(goal {result['goal']}); parity {result['parity']}"
