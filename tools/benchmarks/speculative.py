@@ -69,6 +69,32 @@ def prompts(data: str | None, vocab_size: int, n: int, length: int) -> list[torc
     return [tokens[i * step : i * step + length][None] for i in range(n)]
 
 
+@torch.inference_mode()
+def pass_costs(model: DeepSeekV3, context: int, repeats: int = 200) -> dict[str, float]:
+    """Milliseconds of one decode pass at ``context`` cached tokens: main model on 1 token, on 2
+    tokens (a verify pass), and the MTP module on 1 token — what bounds the speculative speed-up."""
+    ids = torch.randint(0, model.args.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(1, context + 4, ids.device, next(model.parameters()).dtype)
+    h = model.hidden_states(ids, cache=cache, start_pos=0)
+    one, two = ids[:, -1:], ids[:, -2:]
+
+    def ms(fn: Any) -> float:
+        for _ in range(repeats // 10):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    return {
+        "main_1_token_ms": ms(lambda: model.hidden_states(one, cache=cache, start_pos=context)),
+        "main_2_tokens_ms": ms(lambda: model.hidden_states(two, cache=cache, start_pos=context)),
+        "mtp_1_token_ms": ms(
+            lambda: model.mtp_hidden_states(1, h[:, -1:], one, cache=cache, start_pos=context - 1)
+        ),
+    }
+
+
 def run(
     quick: bool = False,
     checkpoint: str | None = None,
@@ -102,6 +128,9 @@ def run(
         drafted += model.last_generation_stats["drafted"]
         accepted += model.last_generation_stats["accepted"]
     tokens = n_prompts * new_tokens
+    costs = pass_costs(model, prompt_len + new_tokens // 2, repeats=20 if quick else 200)
+    rate = accepted / drafted if drafted else 0.0
+    spec_pass = costs["main_2_tokens_ms"] + costs["mtp_1_token_ms"]
     return {
         "benchmark": "speculative",
         "model": source,
@@ -113,6 +142,11 @@ def run(
         "plain_tokens_per_s": tokens / plain_s,
         "speculative_tokens_per_s": tokens / spec_s,
         "speedup": plain_s / spec_s,
+        "pass_costs": costs,
+        # tokens per verify pass (1 + acceptance) × plain pass time / verify-plus-draft pass time:
+        # the speed-up with zero bookkeeping overhead
+        "speedup_bound_at_measured_acceptance": (1 + rate) * costs["main_1_token_ms"] / spec_pass,
+        "speedup_bound_at_full_acceptance": 2 * costs["main_1_token_ms"] / spec_pass,
         "goal": "acceptance >= 0.7 and speed-up >= 1.4x on the trained default model",
         "env": env_info("cpu"),
     }
@@ -140,6 +174,12 @@ def main() -> None:
     print(
         f"acceptance {result['acceptance_rate']:.1%}, speed-up {result['speedup']:.2f}x, "
         f"same tokens as greedy: {result['same_tokens_as_greedy']} ({result['model']})"
+    )
+    c = result["pass_costs"]
+    print(
+        f"decode pass: main 1 token {c['main_1_token_ms']:.2f} ms, 2 tokens {c['main_2_tokens_ms']:.2f} ms, "
+        f"MTP {c['mtp_1_token_ms']:.2f} ms -> speed-up bound {result['speedup_bound_at_measured_acceptance']:.2f}x "
+        f"at this acceptance, {result['speedup_bound_at_full_acceptance']:.2f}x at 100 %"
     )
     if args.json:
         write_json(result, args.json)
