@@ -95,6 +95,21 @@ def tiny_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# a tiny DeepSeek-V3 (MLA, MoE after one dense layer, one MTP module) on top of `tiny_overrides`
+TINY_DEEPSEEK: dict[str, object] = {
+    "model__name": "deepseek_v3",
+    "model__flavor": "deepseek-v3-debug",
+    "model__n_layers": 2,
+    "model__inter_dim": 64,
+    "model__moe_inter_dim": 16,
+    "model__q_lora_rank": 16,
+    "model__kv_lora_rank": 16,
+    "model__qk_nope_head_dim": 8,
+    "model__qk_rope_head_dim": 8,
+    "model__v_head_dim": 8,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared data folder (320-piece tokenizer) from an 8-document corpus."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import TINY_DEEPSEEK, tiny_overrides
 
 from deepsuite.checkpoint.hf_io import read_safetensors, save_model
 from deepsuite.checkpoint.inspect import inspect_checkpoint
@@ -32,16 +32,7 @@ FAMILIES = ["gpt", "deepseek_v3"]
 STEPS, GLOBAL_BATCH, SEQ_LEN = 4, 4, 16  # tiny_overrides' batch and sequence length
 COMMON = dict(training__steps=STEPS, training__eval_every=100, training__sample_tokens=0)
 DEEPSEEK = dict(
-    model__name="deepseek_v3",
-    model__flavor="deepseek-v3-debug",
-    model__n_layers=2,
-    model__inter_dim=64,
-    model__moe_inter_dim=16,
-    model__q_lora_rank=16,
-    model__kv_lora_rank=16,
-    model__qk_nope_head_dim=8,
-    model__qk_rope_head_dim=8,
-    model__v_head_dim=8,
+    **TINY_DEEPSEEK,
     model__n_routed_experts=4,
     model__n_expert_groups=2,
     model__n_limited_groups=1,

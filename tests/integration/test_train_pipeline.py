@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import TINY_DEEPSEEK, tiny_overrides
 
 from deepsuite.config import load_config
 from deepsuite.training.trainer import TrainResult, train
@@ -177,22 +177,7 @@ def test_fp8_conversion_step_trains(tiny_data: Path, tmp_path: Path) -> None:
     assert result.losses[-1] < result.losses[0]
 
 
-DSV3 = {
-    "model__name": "deepseek_v3",
-    "model__flavor": "deepseek-v3-debug",
-    "model__d_model": 32,
-    "model__n_layers": 2,
-    "model__n_heads": 2,
-    "model__inter_dim": 64,
-    "model__moe_inter_dim": 16,
-    "model__q_lora_rank": 16,
-    "model__kv_lora_rank": 16,
-    "model__qk_nope_head_dim": 8,
-    "model__qk_rope_head_dim": 8,
-    "model__v_head_dim": 8,
-    "training__mtp_lambda": 0.3,
-    "training__router_bias_update_rate": 0.01,
-}
+DSV3 = {**TINY_DEEPSEEK, "training__mtp_lambda": 0.3, "training__router_bias_update_rate": 0.01}
 
 
 def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(
