@@ -333,8 +333,10 @@ class _Float8LinearFn(torch.autograd.Function):
         w_t: Float8Quantized | None
         if recipe.scaling == "tensorwise":
             x_data, x_scale, w_data, w_scale = saved
-            x_t = _transposed(Float8Quantized(x_data, x_scale, tuple(x_data.shape)))  # (K, M)
-            w_t = _transposed(Float8Quantized(w_data, w_scale, tuple(w_data.shape)))  # (K, N)
+            x_q = Float8Quantized(x_data, x_scale, tuple(x_data.shape))
+            w_q = Float8Quantized(w_data, w_scale, tuple(w_data.shape))
+            x_t = _transposed(x_q) if ctx.needs_input_grad[1] else None  # (K, M)
+            w_t = _transposed(w_q) if ctx.needs_input_grad[0] else None  # (K, N)
         elif recipe.scaling == "block":
             x, w_data, w_scale = saved
             w_t = _transposed(Float8Quantized(w_data, w_scale, ctx.w_block))  # (K, N) 128×128
@@ -345,12 +347,17 @@ class _Float8LinearFn(torch.autograd.Function):
             x_t = recipe.quantize(x.t(), ROWWISE, E4M3) if ctx.needs_input_grad[1] else None
 
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        gq: Float8Quantized | None = None
+        if ctx.needs_input_grad[0] or recipe.scaling == "tensorwise":
             gq = recipe.quantize(g, recipe.activation_block, recipe.grad_dtype)  # (M, N), along N
-            assert w_t is not None
+        if ctx.needs_input_grad[0]:
+            assert gq is not None and w_t is not None
             grad_x = scaled_matmul(gq, w_t, ctx.x_dtype)  # (M, K)
         if ctx.needs_input_grad[1]:
-            g_t = recipe.quantize(g.t(), recipe.activation_block, recipe.grad_dtype)  # (N, M), along M
+            if recipe.scaling == "tensorwise" and gq is not None:
+                g_t = _transposed(gq)  # one scale for the tensor: the same FP8 bits, transposed
+            else:
+                g_t = recipe.quantize(g.t(), recipe.activation_block, recipe.grad_dtype)  # (N, M), along M
             assert x_t is not None
             grad_w = scaled_matmul(g_t, x_t, torch.float32).to(ctx.w_dtype)  # (N, K)
         return grad_x, grad_w, None, None

@@ -96,9 +96,9 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Absolute maximum of each ``block`` tile of the 2-D ``x`` in float32, shape ``(ceil(M/bm), ceil(K/bk))``."""
     bm, bk = resolve_block(block, x.shape)
     rows, cols = x.shape
+    if (bm, bk) == (rows, cols):  # one pass, no |x| temporary
+        return torch.linalg.vector_norm(x.detach(), ord=float("inf")).float().reshape(1, 1)
     a = x.detach().abs()
-    if (bm, bk) == (rows, cols):
-        return a.amax().float().reshape(1, 1)
     if bm == 1 and bk == cols:
         return a.amax(dim=1, keepdim=True).float()  # (M, 1)
     if bm == rows and bk == 1:
@@ -128,7 +128,11 @@ def cast_to_fp8(x: torch.Tensor, scale_per_element: torch.Tensor, dtype: torch.d
     """``saturate(x * scale)`` as ``dtype``: values beyond the format's range are clamped to ±max
     (a plain ``.to(float8_e4m3fn)`` would turn them into NaN)."""
     m = fp8_max(dtype)
-    return (x.float() * scale_per_element).clamp(-m, m).to(dtype)
+    # x * scale promotes to float32 (the scale is a float32 tensor with dims); clamp in place
+    scaled = x * scale_per_element if scale_per_element.ndim else x.float() * scale_per_element
+    if scaled.dtype != torch.float32:
+        scaled = scaled.float()
+    return scaled.clamp_(-m, m).to(dtype)
 
 
 def quantize(

@@ -283,9 +283,12 @@ class GroupedExperts(nn.Module):
             and not torch.is_autocast_enabled("cpu")
         ):
             return "cpu_split"
+        probe = x
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            probe = x[:0].to(torch.get_autocast_dtype("cuda"))  # forward casts to the autocast dtype
         # the grouped_mm kernels want 16-byte aligned row strides
-        aligned = all(n * x.element_size() % 16 == 0 for n in (self.d_model, self.d_ffn))
-        if grouped_mm_supported(x) and aligned:
+        aligned = all(n * probe.element_size() % 16 == 0 for n in (self.d_model, self.d_ffn))
+        if grouped_mm_supported(probe) and aligned:
             return "grouped_mm"
         return "loop"
 
@@ -299,10 +302,16 @@ class GroupedExperts(nn.Module):
                 x_sorted.contiguous(), self.gate_up_proj, self.down_proj, tuple(counts), splits
             )
         if kernel == "grouped_mm" and x_sorted.shape[0] > 0:
+            w_gate_up: torch.Tensor = self.gate_up_proj
+            w_down: torch.Tensor = self.down_proj
+            if x_sorted.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+                # autocast does not cover grouped_mm: cast as it would for F.linear (CUDA kernels are bf16)
+                dtype = torch.get_autocast_dtype("cuda")
+                x_sorted, w_gate_up, w_down = x_sorted.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
             offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=offs)  # (S, 2I)
+            h = F.grouped_mm(x_sorted, w_gate_up.transpose(-2, -1), offs=offs)  # (S, 2I)
             gate, up = h.chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # (S, D)
+            return F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (S, D)
         return self._loop(x_sorted, counts)
 
     def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:

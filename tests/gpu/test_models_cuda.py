@@ -60,3 +60,37 @@ def test_flash_attention_matches_sdpa() -> None:
     flash = attention(q, k, v, causal=True, backend="flash")
     sdpa = attention(q, k, v, causal=True, backend="sdpa")
     assert _rel(flash.float(), sdpa.float()) < 1e-2
+
+
+def test_experts_under_cuda_autocast_run_grouped_mm_and_match_the_loop() -> None:
+    """fp32 master experts under bf16 autocast take the grouped_mm kernel; outputs and grads
+    equal the per-expert loop (which autocast casts the same way) within bf16 error."""
+    from deepsuite.layers.moe import GroupedExperts, grouped_mm_supported
+
+    probe = torch.empty(0, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_supported(probe):
+        pytest.skip(f"torch {torch.__version__} has no CUDA bf16 grouped_mm on this GPU")
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 256, 128).cuda()
+    experts.init_weights(0.05)
+    counts = [37, 0, 120, 5, 64, 1, 200, 85]  # an empty expert and a 1-row one
+    x = torch.randn(sum(counts), 256, device="cuda", requires_grad=True)
+    results = {}
+    for kernel in ("grouped_mm", "loop"):
+        experts.implementation = "auto" if kernel == "grouped_mm" else "loop"
+        x.grad = None
+        experts.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if kernel == "grouped_mm":
+                assert experts._kernel(x) == "grouped_mm"
+            out = experts(x, counts)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results[kernel] = (
+            out.float(),
+            x.grad.clone(),
+            experts.gate_up_proj.grad.clone(),
+            experts.down_proj.grad.clone(),
+        )
+    for got, ref in zip(results["grouped_mm"], results["loop"]):
+        assert _rel(got, ref) < 2e-2

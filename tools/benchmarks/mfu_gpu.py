@@ -1,6 +1,7 @@
 """Model-FLOPs utilisation on CUDA: a ~1B GPT and a small DeepSeek-V3, bf16 vs FP8, in one run.
 
-    python tools/benchmarks/mfu_gpu.py [--quick] [--no-compile] [--json PATH]
+    python tools/benchmarks/mfu_gpu.py [--quick] [--no-compile] [--models gpt-1b,dsv3-small]
+        [--modes bf16,native] [--loss-chunk N] [--profile FILE] [--json PATH]
 
 For each model: tokens/s of full training steps (forward, backward, torch AdamW) with bf16
 autocast over fp32 master weights, then the same with FP8 (native `Float8Linear`; Transformer
@@ -8,7 +9,9 @@ Engine too when installed), eager and with ``torch.compile`` of every block (the
 path fuses the quantisation kernels). MFU = model FLOPs per token × tokens/s / the bf16 matmul
 peak measured in this run (8192³ bf16 GEMM); model FLOPs = 6 · N_active + attention (6 · T ·
 H · (d_qk + d_v) per layer and token, PaLM's convention, causal not halved). Without CUDA it
-reports that and exits. About 3–5 minutes on an H100.
+reports that and exits. About 3–5 minutes on an H100. ``--profile FILE`` also records two steps
+of each configuration with the torch profiler: the kernels that took the most GPU time go to
+``FILE`` (appended, one section per configuration) and their shares into the row (``top_kernels``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from common import RESULTS_DIR, cuda_peak_memory_mb, env_info, matmul_peak_flops
 
 # ~1.0B parameters: 12 · 18 · 2048² = 906M in blocks + 103M tied embedding (GPT-2 vocab padded to 64).
 GPT_1B = dict(vocab_size=50304, max_seq_len=2048, d_model=2048, n_layers=18, n_heads=16, dropout=0.0)
+
+# name -> (family, flavor, overrides, batch, sequence length, torch.compile of blocks allowed)
+MODELS: dict[str, tuple[str, str, dict[str, Any], int, int, bool]] = {
+    "gpt-1b": ("gpt", "gpt2-xl", GPT_1B, 8, 2048, True),
+    # the expert loop's data-dependent splits recompile: eager only
+    "dsv3-small": ("deepseek_v3", "deepseek-v3-small", {}, 16, 2048, False),
+    "dsv3-large": ("deepseek_v3", "deepseek-v3-large", {}, 8, 2048, False),
+}
 
 
 def _flops_per_token(model: nn.Module, name: str, seq_len: int) -> tuple[float, int]:
@@ -76,8 +87,11 @@ def measure(
     seq_len: int,
     steps: int,
     peak: float,
+    loss_chunk: int | None = None,
+    profile_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s, MFU and peak memory of ``steps`` timed training steps (after 3 warm-up steps)."""
+    """Tokens/s, MFU and peak memory of ``steps`` timed training steps (after 3 warm-up steps);
+    with ``profile_path`` the GPU kernels of two more steps, profiled."""
     from deepsuite.config.schema import FP8Config
     from deepsuite.fp8 import prepare_fp8
 
@@ -90,6 +104,8 @@ def measure(
         fp8_note = ctx.summary.splitlines()[0]
         if ctx.backend != mode:
             return {"model": f"{name}/{flavor}", "mode": mode, "skipped": ctx.summary}
+    if loss_chunk is not None and hasattr(model, "loss_chunk_size"):
+        model.loss_chunk_size = loss_chunk
     if compile_blocks:
         _compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -130,7 +146,44 @@ def measure(
         "loss": float(loss),
         "fp8": fp8_note,
     }
+    if loss_chunk is not None:
+        row["loss_chunk"] = loss_chunk
+    if profile_path is not None:
+        label = f"{name}/{flavor} {row['mode']}" + (f" loss_chunk={loss_chunk}" if loss_chunk else "")
+        row["top_kernels"] = profile_steps(step, profile_path, label)
     return row
+
+
+def profile_steps(step: Any, path: Path, label: str, steps: int = 2, top: int = 12) -> list[dict[str, Any]]:
+    """Profile ``steps`` calls of ``step``; append the kernel table to ``path``; return the ``top``
+    kernels by GPU time with their share of all GPU kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def gpu_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    # kernel events only (an aten op's device time repeats its kernels')
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and gpu_us(e) > 0]
+    total = sum(gpu_us(e) for e in kernels) or 1.0
+    kernels.sort(key=gpu_us, reverse=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sort_key = (
+        "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    )
+    with path.open("a") as f:
+        f.write(f"\n## {label}: GPU kernel time over {steps} steps: {total / 1e3:.1f} ms\n")
+        f.write(events.table(sort_by=sort_key, row_limit=40, max_name_column_width=110) + "\n")
+    return [
+        {"kernel": e.key[:110], "ms_per_step": gpu_us(e) / 1e3 / steps, "share": gpu_us(e) / total}
+        for e in kernels[:top]
+    ]
 
 
 def _free_cuda() -> None:
@@ -139,7 +192,14 @@ def _free_cuda() -> None:
     torch._dynamo.reset()
 
 
-def run(quick: bool = False, compile_blocks: bool = True) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    compile_blocks: bool = True,
+    models: list[str] | None = None,
+    modes: list[str] | None = None,
+    loss_chunk: int | None = None,
+    profile_path: Path | None = None,
+) -> dict[str, Any]:
     """MFU rows for every (model, mode) and FP8/bf16 tokens/s ratios."""
     if not torch.cuda.is_available():
         return {"skipped": "needs CUDA (no GPU visible)", "env": env_info("cpu")}
@@ -147,22 +207,36 @@ def run(quick: bool = False, compile_blocks: bool = True) -> dict[str, Any]:
 
     peak_bf16 = matmul_peak_flops("cuda", torch.bfloat16)
     result: dict[str, Any] = {"env": env_info("cuda"), "matmul_peak_bf16_tflops": peak_bf16 / 1e12}
-    modes = ["bf16", "native"] + (["te"] if te_unavailable_reason() is None else [])
+    te_reason = te_unavailable_reason()
+    if modes is None:
+        modes = ["bf16", "native"] + (["te"] if te_reason is None else [])
+    elif "te" in modes and te_reason is not None:
+        result["te_skipped"] = te_reason
+        modes = [m for m in modes if m != "te"]
     steps = 5 if quick else 10
-    models = [
-        ("gpt", "gpt2-xl", GPT_1B, 8, 2048),
-        ("deepseek_v3", "deepseek-v3-small", {}, 16, 2048),
-    ]
     compile_options = [False, True] if compile_blocks else [False]
     rows = []
-    for name, flavor, overrides, batch, seq in models:
+    for key in models or ["gpt-1b", "dsv3-small"]:
+        name, flavor, overrides, batch, seq, compilable = MODELS[key]
         for use_compile in compile_options:
-            if use_compile and name == "deepseek_v3":
-                continue  # the expert loop's data-dependent splits recompile: eager only
+            if use_compile and not compilable:
+                continue
             for mode in modes:
                 try:
                     rows.append(
-                        measure(name, flavor, overrides, mode, use_compile, batch, seq, steps, peak_bf16)
+                        measure(
+                            name,
+                            flavor,
+                            overrides,
+                            mode,
+                            use_compile,
+                            batch,
+                            seq,
+                            steps,
+                            peak_bf16,
+                            loss_chunk=loss_chunk,
+                            profile_path=profile_path,
+                        )
                     )
                 except Exception as err:  # report and go on with the next configuration
                     rows.append(
@@ -194,10 +268,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 timed steps instead of 10")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument(
+        "--models", default="gpt-1b,dsv3-small", help=f"comma-separated, from {', '.join(MODELS)}"
+    )
+    parser.add_argument("--modes", default=None, help="comma-separated: bf16,native,te (default all usable)")
+    parser.add_argument("--loss-chunk", type=int, default=None, help="rows per fused linear-CE chunk")
+    parser.add_argument("--profile", default=None, help="text file to append kernel tables to")
+    parser.add_argument(
         "--json", default=None, help="results JSON (default tools/benchmarks/results/mfu_<gpu>.json)"
     )
     args = parser.parse_args()
-    result = run(quick=args.quick, compile_blocks=not args.no_compile)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    if modes and any(m not in ("bf16", "native", "te") for m in modes):
+        parser.error(f"--modes takes bf16, native, te; got {args.modes}")
+    result = run(
+        quick=args.quick,
+        compile_blocks=not args.no_compile,
+        models=models,
+        modes=modes,
+        loss_chunk=args.loss_chunk,
+        profile_path=Path(args.profile) if args.profile else None,
+    )
     if "skipped" in result:
         print("skipped:", result["skipped"])
         return
