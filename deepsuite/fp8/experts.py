@@ -68,16 +68,14 @@ if GroupedExperts is not None:
         def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
             """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
             outputs = []
-            start = 0
-            # unbind: the backward writes each expert's gradient slice once (indexing [e] would
-            # materialise a full-size zero gradient per expert)
-            for n, w_gate_up, w_down in zip(counts, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
-                if n == 0:
+            # split and unbind: the backward writes each expert's gradient slice once (slicing or
+            # indexing [e] would materialise a full-size zero gradient per expert)
+            slices = x_sorted.split(list(counts))
+            for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
+                if xe.shape[0] == 0:
                     continue
-                xe = x_sorted[start : start + n]  # (n, D)
                 gate, up = float8_linear(xe, w_gate_up, None, self.recipe).chunk(2, dim=-1)  # (n, I) each
                 outputs.append(float8_linear(F.silu(gate) * up, w_down, None, self.recipe))  # (n, D)
-                start += n
             if not outputs:
                 return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
             return torch.cat(outputs, dim=0)  # (S, D)

@@ -316,14 +316,14 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outputs = []
-        start = 0
-        for n, w_gate_up, w_down in zip(counts, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
-            if n == 0:
+        # split (backward: one cat) rather than slicing, whose backward writes a full-size zero
+        # gradient of x_sorted per expert; unbind likewise for the weights
+        slices = x_sorted.split(list(counts))
+        for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
+            if xe.shape[0] == 0:
                 continue
-            xe = x_sorted[start : start + n]  # (n, D)
             gate, up = F.linear(xe, w_gate_up).chunk(2, dim=-1)  # (n, I) each
             outputs.append(F.linear(F.silu(gate) * up, w_down))  # (n, D)
-            start += n
         if not outputs:
             return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
         return torch.cat(outputs, dim=0)
@@ -396,6 +396,8 @@ class TokenDispatcher:
         """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""
         order, inverse = state
         y = _PermuteRows.apply(y_sorted, inverse, order).view(*weights.shape, -1)  # (N, k, D) token order
+        if y.is_cuda:  # a (1 × k) @ (k × D) bmm per token is a poor GEMM on GPUs: multiply and sum
+            return (y * weights[..., None].to(y.dtype)).sum(dim=1)  # (N, D)
         return torch.bmm(weights[:, None, :].to(y.dtype), y).squeeze(1)  # (N, D)
 
 

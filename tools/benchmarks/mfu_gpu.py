@@ -142,6 +142,8 @@ def measure(
         "mfu": flops_per_token * tokens_per_s / peak,
         "peak_mem_GiB": cuda_peak_memory_mb() / 1024,
         "step_ms": seconds * 1e3,
+        "batch": batch,
+        "seq_len": seq_len,
         "warmup_s": warmup_s,
         "loss": float(loss),
         "fp8": fp8_note,
@@ -199,6 +201,8 @@ def run(
     modes: list[str] | None = None,
     loss_chunk: int | None = None,
     profile_path: Path | None = None,
+    batch: int | None = None,
+    compile_only: bool = False,
 ) -> dict[str, Any]:
     """MFU rows for every (model, mode) and FP8/bf16 tokens/s ratios."""
     if not torch.cuda.is_available():
@@ -214,10 +218,10 @@ def run(
         result["te_skipped"] = te_reason
         modes = [m for m in modes if m != "te"]
     steps = 5 if quick else 10
-    compile_options = [False, True] if compile_blocks else [False]
+    compile_options = [True] if compile_only else [False, True] if compile_blocks else [False]
     rows = []
     for key in models or ["gpt-1b", "dsv3-small"]:
-        name, flavor, overrides, batch, seq, compilable = MODELS[key]
+        name, flavor, overrides, default_batch, seq, compilable = MODELS[key]
         for use_compile in compile_options:
             if use_compile and not compilable:
                 continue
@@ -230,7 +234,7 @@ def run(
                             overrides,
                             mode,
                             use_compile,
-                            batch,
+                            batch or default_batch,
                             seq,
                             steps,
                             peak_bf16,
@@ -271,6 +275,8 @@ def main() -> None:
         "--models", default="gpt-1b,dsv3-small", help=f"comma-separated, from {', '.join(MODELS)}"
     )
     parser.add_argument("--modes", default=None, help="comma-separated: bf16,native,te (default all usable)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default per model)")
+    parser.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--loss-chunk", type=int, default=None, help="rows per fused linear-CE chunk")
     parser.add_argument("--profile", default=None, help="text file to append kernel tables to")
     parser.add_argument(
@@ -291,6 +297,8 @@ def main() -> None:
         modes=modes,
         loss_chunk=args.loss_chunk,
         profile_path=Path(args.profile) if args.profile else None,
+        batch=args.batch,
+        compile_only=args.compile_only,
     )
     if "skipped" in result:
         print("skipped:", result["skipped"])
