@@ -145,7 +145,7 @@ def measure(
         "batch": batch,
         "seq_len": seq_len,
         "warmup_s": warmup_s,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "fp8": fp8_note,
     }
     if loss_chunk is not None:
@@ -203,6 +203,7 @@ def run(
     profile_path: Path | None = None,
     batch: int | None = None,
     compile_only: bool = False,
+    json_path: Path | None = None,
 ) -> dict[str, Any]:
     """MFU rows for every (model, mode) and FP8/bf16 tokens/s ratios."""
     if not torch.cuda.is_available():
@@ -251,6 +252,8 @@ def run(
                         }
                     )
                 _free_cuda()
+                if json_path is not None:  # what is done survives a timeout
+                    write_json({**result, "rows": rows, "partial": True}, json_path)
                 print_table([rows[-1]], ["model", "mode", "tokens_per_s", "mfu", "peak_mem_GiB", "step_ms"])
     result["rows"] = rows
     ratios: dict[str, float] = {}
@@ -290,6 +293,7 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     if modes and any(m not in ("bf16", "native", "te") for m in modes):
         parser.error(f"--modes takes bf16, native, te; got {args.modes}")
+    json_path = Path(args.json) if args.json else None
     result = run(
         quick=args.quick,
         compile_blocks=not args.no_compile,
@@ -299,6 +303,7 @@ def main() -> None:
         profile_path=Path(args.profile) if args.profile else None,
         batch=args.batch,
         compile_only=args.compile_only,
+        json_path=json_path,
     )
     if "skipped" in result:
         print("skipped:", result["skipped"])
