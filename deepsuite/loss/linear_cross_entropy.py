@@ -360,6 +360,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
+def work_buffer_bytes(
+    n_tokens: int,
+    vocab_size: int,
+    d_model: int,
+    matmul_dtype: torch.dtype,
+    chunk_size: int = 4096,
+    need_weight_grad: bool = True,
+) -> int:
+    """Bytes of the work buffers `linear_cross_entropy` allocates for ``n_tokens`` valid tokens
+    (what a memory plan must add to the activations): one chunk of logits in ``matmul_dtype``; for
+    a lower-precision ``matmul_dtype`` also the float32 scratch for its row blocks and the
+    ``(V, D)`` low-precision weight-gradient product; and the ``(tokens, D)`` float32 hidden-state
+    gradient computed with the loss. The float32 ``(V, D)`` weight gradient is not counted: it
+    becomes the parameter's gradient."""
+    compute_dtype = torch.float64 if matmul_dtype == torch.float64 else torch.float32
+    rows = min(chunk_rows(chunk_size, vocab_size, matmul_dtype.itemsize), max(n_tokens, 0))
+    total = rows * vocab_size * matmul_dtype.itemsize
+    if matmul_dtype != compute_dtype and rows:
+        block = max(1, min(rows, _SCRATCH_BYTES // (vocab_size * compute_dtype.itemsize)))
+        total += block * vocab_size * compute_dtype.itemsize
+        if need_weight_grad:
+            total += vocab_size * d_model * matmul_dtype.itemsize
+    return total + n_tokens * d_model * compute_dtype.itemsize
+
+
 class _ChunkBuffers:
     """The per-call work buffers: one chunk of logits in the matmul dtype (``rows`` tokens within
     ``_CHUNK_BYTES``) and, when that dtype is lower than the compute dtype, the float scratch for its

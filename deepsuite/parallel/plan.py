@@ -36,7 +36,10 @@ score matrix):
 * Dense FFN (SwiGLU): ``b·s·(d + 3·inter) · a``.
 * MoE FFN: ``b·s·(2·d + 4·E + k·(2·d + 3·I) + n_shared·3·I) · a`` — input, fp32 router scores,
   ``k`` dispatched token copies, each expert's gate/up/activation, combined output.
-* Logits: chunked cross-entropy keeps at most ``chunk × vocab`` fp32 logits (4096 rows).
+* Loss: the chunked linear cross-entropy's work buffers (`deepsuite.loss.linear_cross_entropy.
+  work_buffer_bytes`): one chunk of logits (at most 4096 rows and 256 MiB) in the training dtype,
+  in bf16 also its 128 MiB float32 scratch and a ``vocab × d`` bf16 weight-gradient product, and
+  the ``b·s·d`` float32 hidden-state gradient computed with the loss.
 
 With activation checkpointing each block keeps only its input (``b·s·d·a``) and one block's
 activations exist at a time during recomputation.
@@ -60,7 +63,7 @@ from deepsuite.config.loader import MODEL_FAMILIES, family_module, resolve_model
 from deepsuite.config.schema import ModelConfig
 
 GIB = 1024**3
-# The chunked cross-entropy materialises at most this many rows of fp32 logits (deepsuite.loss).
+# The chunked cross-entropy's default rows per chunk (deepsuite.loss; capped at 256 MiB of logits).
 LOSS_CHUNK_ROWS = 4096
 
 
@@ -228,15 +231,18 @@ def activation_bytes(shape: dict[str, Any], family: str, inp: PlanInput) -> int:
         first_dense = int(shape["first_k_dense_replace"])
         per_layer = [mla + (dense_ffn if i < first_dense or n_exp == 0 else moe) for i in range(n_blocks)]
         vocab = int(shape["vocab_size"])
-    from deepsuite.loss.linear_cross_entropy import chunk_rows
+    import torch
 
-    # one fp32 chunk of logits + its gradient, as the chunked linear cross-entropy sizes it
-    logits = min(tokens, chunk_rows(LOSS_CHUNK_ROWS, vocab)) * vocab * 4
+    from deepsuite.loss.linear_cross_entropy import work_buffer_bytes
+
+    loss_work = work_buffer_bytes(
+        tokens, vocab, d, torch.bfloat16 if inp.dtype == "bf16" else torch.float32, LOSS_CHUNK_ROWS
+    )
     if inp.activation_checkpointing:
         kept = len(per_layer) * d + max(per_layer)  # block inputs + one block being recomputed
     else:
         kept = sum(per_layer)
-    return int(tokens * kept * a + 2 * logits)
+    return int(tokens * kept * a + loss_work)
 
 
 def all_to_all_bytes(counts: ParamCounts, inp: PlanInput) -> int:

@@ -338,3 +338,23 @@ def test_chunked_on_cuda(dtype):
     assert_rel_close(loss, ref, tol)
     for g, r in zip(grads, ref_grads):
         assert_rel_close(g, r, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("tokens", "vocab", "d_model", "chunk"), [(1024, 50257, 64, 4096), (100, 3000, 32, 64)]
+)
+def test_work_buffer_bytes_equal_the_buffers_the_loss_allocates(
+    dtype: torch.dtype, tokens: int, vocab: int, d_model: int, chunk: int
+) -> None:
+    """The memory planner's figure is the sum of the real chunk buffers + the hidden-state grad."""
+    from deepsuite.loss.linear_cross_entropy import _ChunkBuffers, work_buffer_bytes
+
+    buffers = _ChunkBuffers(chunk, tokens, vocab, d_model, dtype, torch.float32, torch.device("cpu"))
+    grad_w_low = buffers.grad_w_low(True)
+    allocated = buffers.logits.nbytes + tokens * d_model * 4
+    allocated += 0 if buffers.scratch is None else buffers.scratch.nbytes
+    allocated += 0 if grad_w_low is None else grad_w_low.nbytes
+    assert work_buffer_bytes(tokens, vocab, d_model, dtype, chunk) == allocated
+    if dtype == torch.bfloat16:
+        assert buffers.scratch is not None and grad_w_low is not None  # both exist and are counted
