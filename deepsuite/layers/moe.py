@@ -485,19 +485,28 @@ class DeepSeekMoE(nn.Module):
         batch, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)  # (N, D)
         weights, indices, scores = self.gate(flat)  # (N, k), (N, k), (N, E)
+        if self.training and self.balance_loss_alpha > 0:
+            self.aux_loss = sequence_balance_loss(scores, indices, batch, self.balance_loss_alpha)
+        out = self._routed(flat, weights, indices).view(batch, seq_len, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    @torch.compiler.disable
+    def _routed(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Count the load, dispatch, run the routed experts, combine: ``(N, D)``.
+
+        Runs eagerly under ``torch.compile``: the rows per expert are data (host-side split sizes
+        for the experts and the all-to-all), so a compiled version would recompile for every new
+        routing. The router, attention, norms and shared experts around it still compile."""
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(
                     indices.flatten(), minlength=self.n_routed_experts
                 ).float()
-            if self.balance_loss_alpha > 0:
-                self.aux_loss = sequence_balance_loss(scores, indices, batch, self.balance_loss_alpha)
         x_sorted, counts, state = self.dispatcher.dispatch(flat, indices)
         y_sorted = self.experts(x_sorted, counts)
-        out = self.dispatcher.combine(y_sorted, weights, state).view(batch, seq_len, dim)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return self.dispatcher.combine(y_sorted, weights, state)
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, rate: float) -> None:
