@@ -1,0 +1,83 @@
+"""Native FP8 routed experts (`Float8GroupedExperts`, tensorwise recipe: `_Float8ExpertsMLP`)
+against a float64 emulation that quantises the same tensors with the same scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepsuite.fp8.experts import Float8GroupedExperts
+from deepsuite.fp8.native import Float8Recipe
+from deepsuite.fp8.quant import E4M3, E5M2, TENSORWISE, quantize
+from deepsuite.layers.moe import GroupedExperts
+
+E, D, I = 6, 64, 32
+COUNTS = [11, 0, 30, 1, 17, 5]  # an empty expert and a one-row expert
+
+
+def _fq(t: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """Tensorwise fake quantisation in float64."""
+    return quantize(t.detach().float(), TENSORWISE, dtype).dequantize(torch.float64)
+
+
+def _emulate(x, w1, w2, counts, grad_y, grad_dtype):
+    """Forward output and (dx, dW1, dW2) with each FP8 operand fake-quantised, math in float64."""
+    w1q = torch.stack([_fq(w) for w in w1])  # one scale per expert
+    w2q = torch.stack([_fq(w) for w in w2])
+    xq, gq = _fq(x), _fq(grad_y, grad_dtype)  # one scale for all rows
+    rows = torch.tensor(counts).cumsum(0).tolist()
+    starts = [r - n for r, n in zip(rows, counts)]
+    h = torch.cat([xq[s : s + n] @ w1q[e].T for e, (s, n) in enumerate(zip(starts, counts))])
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * up
+    aq = _fq(a)
+    y = torch.cat([aq[s : s + n] @ w2q[e].T for e, (s, n) in enumerate(zip(starts, counts))])
+    da = torch.cat([gq[s : s + n] @ w2q[e] for e, (s, n) in enumerate(zip(starts, counts))])
+    gw2 = torch.stack([gq[s : s + n].T @ aq[s : s + n] for s, n in zip(starts, counts)])
+    sig = torch.sigmoid(gate)
+    dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], dim=-1)
+    dhq = _fq(dh, grad_dtype)
+    dx = torch.cat([dhq[s : s + n] @ w1q[e] for e, (s, n) in enumerate(zip(starts, counts))])
+    gw1 = torch.stack([dhq[s : s + n].T @ xq[s : s + n] for s, n in zip(starts, counts)])
+    return y, dx, gw1, gw2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("grad_dtype", [E5M2, E4M3])
+def test_grouped_fp8_experts_match_the_float64_emulation(grad_dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ref = GroupedExperts(E, D, I)
+    ref.init_weights(0.1)
+    experts = Float8GroupedExperts.from_experts(ref, Float8Recipe("tensorwise", grad_dtype))
+    x = torch.randn(sum(COUNTS), D, requires_grad=True)
+    y = experts(x, COUNTS)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    want = _emulate(x, ref.gate_up_proj, ref.down_proj, COUNTS, grad_y, grad_dtype)
+    got = (y, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+    for name, g, w in zip(("y", "dx", "dW_gate_up", "dW_down"), got, want):
+        # the same quantised operands: only float32 accumulation and the odd FP8 rounding flip
+        assert _rel(g, w) < 2e-3, name
+    assert (experts.gate_up_proj.grad[1] == 0).all() and (experts.down_proj.grad[1] == 0).all()
+    # and close to the high-precision experts, within the FP8 formats' error
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = ref(x_ref, COUNTS)
+    assert _rel(y, y_ref) < 0.08
+
+
+def test_grouped_fp8_experts_under_autocast_return_the_autocast_dtype() -> None:
+    torch.manual_seed(0)
+    ref = GroupedExperts(E, D, I)
+    ref.init_weights(0.1)
+    experts = Float8GroupedExperts.from_experts(ref, Float8Recipe("tensorwise"))
+    x = torch.randn(sum(COUNTS), D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, COUNTS)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert experts.gate_up_proj.grad.dtype == torch.float32
