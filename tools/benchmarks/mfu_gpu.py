@@ -36,7 +36,7 @@ GPT_1B = dict(vocab_size=50304, max_seq_len=2048, d_model=2048, n_layers=18, n_h
 
 # name -> (family, flavor, overrides, batch, sequence length, torch.compile of blocks allowed)
 MODELS: dict[str, tuple[str, str, dict[str, Any], int, int, bool]] = {
-    "gpt-1b": ("gpt", "gpt2-xl", GPT_1B, 8, 2048, True),
+    "gpt-1b": ("gpt", "gpt2-xl", GPT_1B, 16, 2048, True),  # batch 16: 69 % MFU bf16 on an H200
     # compiled blocks run the routed experts eagerly (DeepSeekMoE._routed): no per-routing recompiles
     "dsv3-small": ("deepseek_v3", "deepseek-v3-small", {}, 16, 2048, True),
     "dsv3-large": ("deepseek_v3", "deepseek-v3-large", {}, 8, 2048, True),

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import env_info, print_table, write_json
+from common import env_info, print_table, sync, write_json
 
 from deepsuite.models.deepseek_v3.config import FLAVORS
 from deepsuite.models.deepseek_v3.model import DeepSeekV3
@@ -73,7 +73,9 @@ def prompts(data: str | None, vocab_size: int, n: int, length: int) -> list[torc
 def pass_costs(model: DeepSeekV3, context: int, repeats: int = 200) -> dict[str, float]:
     """Milliseconds of one decode pass at ``context`` cached tokens: main model on 1 token, on 2
     tokens (a verify pass), and the MTP module on 1 token — what bounds the speculative speed-up."""
+    device = next(model.parameters()).device
     ids = torch.randint(0, model.args.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     cache = model.new_cache(1, context + 4, ids.device, next(model.parameters()).dtype)
     h = model.hidden_states(ids, cache=cache, start_pos=0)
     one, two = ids[:, -1:], ids[:, -2:]
@@ -81,9 +83,11 @@ def pass_costs(model: DeepSeekV3, context: int, repeats: int = 200) -> dict[str,
     def ms(fn: Any) -> float:
         for _ in range(repeats // 10):
             fn()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
+        sync(device)
         return (time.perf_counter() - t0) / repeats * 1e3
 
     return {
@@ -102,13 +106,15 @@ def run(
     n_prompts: int = 8,
     prompt_len: int = 32,
     new_tokens: int = 128,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Acceptance rate and speed-up of speculative over plain greedy decoding on the same prompts."""
     if quick:
         n_prompts, new_tokens = 2, 16
     model, source = load(checkpoint)
+    model.to(device)
     new_tokens = min(new_tokens, model.max_seq_len - prompt_len - 1)
-    batch = prompts(data, model.args.vocab_size, n_prompts, prompt_len)
+    batch = [p.to(device) for p in prompts(data, model.args.vocab_size, n_prompts, prompt_len)]
     plain_s = spec_s = 0.0
     drafted = accepted = 0
     same = True
@@ -117,10 +123,13 @@ def run(
     model.generate(batch[0], new_tokens, temperature=0)
     model.generate(batch[0], new_tokens, temperature=0, speculative=True)
     for ids in batch:
+        sync(device)
         t0 = time.perf_counter()
         plain = model.generate(ids, new_tokens, temperature=0)
+        sync(device)
         t1 = time.perf_counter()
         spec = model.generate(ids, new_tokens, temperature=0, speculative=True)
+        sync(device)
         t2 = time.perf_counter()
         plain_s += t1 - t0
         spec_s += t2 - t1
@@ -148,7 +157,7 @@ def run(
         "speedup_bound_at_measured_acceptance": (1 + rate) * costs["main_1_token_ms"] / spec_pass,
         "speedup_bound_at_full_acceptance": 2 * costs["main_1_token_ms"] / spec_pass,
         "goal": "acceptance >= 0.7 and speed-up >= 1.4x on the trained default model",
-        "env": env_info("cpu"),
+        "env": env_info(device),
     }
 
 
@@ -162,9 +171,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="2 prompts, 16 new tokens")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    result = run(args.quick, args.checkpoint, args.data, args.prompts, args.prompt_len, args.new_tokens)
+    result = run(
+        args.quick, args.checkpoint, args.data, args.prompts, args.prompt_len, args.new_tokens, args.device
+    )
     print_table(
         [
             {"decoding": "plain greedy", "tokens/s": result["plain_tokens_per_s"]},
