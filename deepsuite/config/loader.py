@@ -135,7 +135,12 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str, allow_extra:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split a CLI override `a.b=value` into (["a", "b"], value parsed as YAML scalar)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. training.steps=100)")
+        hint = ""
+        if text.endswith((".yaml", ".yml")):
+            hint = f"; to train from a config file, pass it as --config {text}"
+        raise ConfigError(
+            f"override {text!r} must look like section.key=value (e.g. training.steps=100){hint}"
+        )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):

@@ -42,6 +42,13 @@ def test_unknown_key_suggests_the_right_one() -> None:
         load_config(None, ["training.stpes=10"])
 
 
+def test_a_config_file_given_as_an_override_points_to_config() -> None:
+    with pytest.raises(ConfigError, match=r"must look like section.key=value.*--config configs/default.yaml"):
+        load_config(None, ["configs/default.yaml"])
+    with pytest.raises(ConfigError, match=r"must look like section.key=value \(e.g. training.steps=100\)$"):
+        load_config(None, ["steps"])
+
+
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("trainig:\n  steps: 3\n")
