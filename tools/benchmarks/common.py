@@ -122,6 +122,12 @@ def env_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "transformer_engine": _version("transformer_engine") or _version("transformer-engine"),
         "flash_attn": _version("flash_attn") or _version("flash-attn"),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # allocator settings change CPU timings by 20 % or more (fresh large tensors fault their pages)
+        "malloc_env": {
+            k: os.environ[k]
+            for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+            if k in os.environ
+        },
     }
     if device.type == "cuda":
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
