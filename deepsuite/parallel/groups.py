@@ -164,6 +164,9 @@ def init_parallel_groups(ep_size: int = 1, n_routed_experts: int | None = None) 
     if ep_size == 1:
         return ParallelGroups(layout=layout, ep_group=None, edp_group=None)
 
+    from deepsuite.parallel.deepspeed import import_deepspeed
+
+    import_deepspeed()  # first: on CPU it keeps DeepSpeed's shared-memory all-reduce op out (see there)
     import deepspeed.comm as ds_dist
     from deepspeed.utils import groups as ds_groups
 

@@ -144,3 +144,26 @@ def test_parallelize_experts_refuses_a_model_without_moe_before_any_communicatio
     with pytest.raises(ConfigError, match="needs a model with routed experts"):
         parallelize_experts(gpt, world_size=2, zero_stage=2, ep_size=2)
     assert parallelize_experts(gpt, world_size=2, zero_stage=0, ep_size=1) is gpt  # nothing to do
+
+
+def test_destroy_distributed_drops_deepspeed_expert_groups_first() -> None:
+    """The end-of-run teardown empties DeepSpeed's expert-group registries (their gloo groups
+    outlived the default group and aborted some exits) and leaves the process group."""
+    from deepsuite.parallel.deepspeed import import_deepspeed
+    from deepsuite.parallel.dist import destroy_distributed
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this test process")
+    import_deepspeed()
+    from deepspeed.utils import groups as ds_groups
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    ds_groups._EXPERT_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
+    destroy_distributed()
+    assert not dist.is_initialized()
+    assert ds_groups._EXPERT_PARALLEL_GROUP == {} and ds_groups._EXPERT_DATA_PARALLEL_GROUP == {}
+    destroy_distributed()  # a second call (atexit after an explicit one) is a no-op
