@@ -347,6 +347,14 @@ def alternatives(model_cfg: ModelConfig, base: MemoryPlan, limit: int = 5) -> li
     return found
 
 
+def _count(n: int) -> str:
+    """A parameter count as 37.55B / 2.07M / 512K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
@@ -369,16 +377,18 @@ def format_plan(model_name: str, p: MemoryPlan, fixes: list[MemoryPlan] | None =
     """The table `deepsuite plan` prints."""
     c, inp = p.counts, p.inputs
     lines = [
-        f"model {model_name}: {c.main:,} parameters ({c.main / 1e9:.2f}B"
+        f"model {model_name}: {c.main:,} parameters ({_count(c.main)}"
+        + (f" without MTP; MTP modules {_count(c.mtp)} more, {_count(c.total)} in memory" if c.mtp else "")
+        + ")",
+        f"activated per token: {_count(c.activated)}"
         + (
-            f" without MTP; MTP modules {c.mtp / 1e9:.2f}B more, {c.total / 1e9:.2f}B in memory"
-            if c.mtp
+            f" ({_count(c.activated - int(c.shape['vocab_size']) * int(c.shape['d_model']))} without the"
+            " embedding lookup)"
+            if c.n_routed_experts and not c.shape.get("tie_embeddings")
             else ""
         )
-        + ")",
-        f"activated per token: {c.activated / 1e9:.2f}B"
         + (
-            f"; {c.dense / 1e9:.2f}B dense, {c.routed / 1e9:.2f}B in {c.n_routed_experts} routed experts "
+            f"; {_count(c.dense)} dense, {_count(c.routed)} in {c.n_routed_experts} routed experts "
             f"× {c.moe_layers} MoE layers"
             if c.n_routed_experts
             else ""
