@@ -148,22 +148,37 @@ def test_parallelize_experts_refuses_a_model_without_moe_before_any_communicatio
 
 def test_destroy_distributed_drops_deepspeed_expert_groups_first() -> None:
     """The end-of-run teardown empties DeepSpeed's expert-group registries (their gloo groups
-    outlived the default group and aborted some exits) and leaves the process group."""
-    from deepsuite.parallel.deepspeed import import_deepspeed
-    from deepsuite.parallel.dist import destroy_distributed
+    outlived the default group and aborted some exits) and leaves the process group. Run in a
+    fresh interpreter: other tests in this process may hold a process group."""
+    import subprocess
+    import sys
+    import textwrap
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this test process")
-    import_deepspeed()
-    from deepspeed.utils import groups as ds_groups
+    script = textwrap.dedent(
+        """
+        import socket
+        import torch.distributed as dist
+        from deepsuite.parallel.deepspeed import import_deepspeed
+        from deepsuite.parallel.dist import destroy_distributed
 
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    ds_groups._EXPERT_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
-    ds_groups._EXPERT_DATA_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
-    destroy_distributed()
-    assert not dist.is_initialized()
-    assert ds_groups._EXPERT_PARALLEL_GROUP == {} and ds_groups._EXPERT_DATA_PARALLEL_GROUP == {}
-    destroy_distributed()  # a second call (atexit after an explicit one) is a no-op
+        import_deepspeed()
+        from deepspeed.utils import groups as ds_groups
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        ds_groups._EXPERT_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP["ep_size_1"] = dist.new_group([0])
+        destroy_distributed()
+        assert not dist.is_initialized()
+        assert ds_groups._EXPERT_PARALLEL_GROUP == {} and ds_groups._EXPERT_DATA_PARALLEL_GROUP == {}
+        destroy_distributed()  # a second call (atexit after an explicit one) is a no-op
+        print("teardown ok")
+        """
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and "teardown ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
