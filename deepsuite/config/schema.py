@@ -151,6 +151,9 @@ class TrainingConfig:
     report_mtp_acceptance: bool = True
     """At the end of a DeepSeek-V3 run with MTP, decode a few validation prompts greedily with MTP drafting and report the acceptance rate."""
 
+    cpu_heap_reuse: bool = True
+    """On CPU, have glibc keep freed memory for reuse instead of unmapping every block over 32 MiB (each step's large tensors would fault in fresh pages; one MoE layer's step 16 % faster)."""
+
 
 @dataclass
 class ParallelConfig:

@@ -115,6 +115,10 @@ class Trainer:
         self.layout = resolve_batch(cfg.training, self.dims.dp_size)
         self.ds_config = build_ds_config(cfg, self.dims)
         self.device = self.dims.device
+        if torch.device(self.device).type == "cpu" and cfg.training.cpu_heap_reuse:
+            from deepsuite.training.cpu_memory import keep_freed_memory_in_heap
+
+            keep_freed_memory_in_heap()
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir)
         # data
