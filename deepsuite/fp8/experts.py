@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,7 +86,7 @@ class _Float8ExpertsMLP(torch.autograd.Function):
         xq = recipe.quantize(x, TENSORWISE, E4M3)
         w1, s1 = _quantize_per_expert(w_gate_up, recipe)
         w2, s2 = _quantize_per_expert(w_down, recipe)
-        starts = [sum(counts[:e]) for e in range(len(counts))]
+        starts = [0, *itertools.accumulate(counts)][:-1]  # first row of each expert
         live = [e for e, n in enumerate(counts) if n]
         h = torch.cat(
             [scaled_matmul(_rows(xq, starts[e], counts[e]), _expert(w1, s1, e), out_dtype) for e in live]
@@ -178,8 +179,9 @@ if GroupedExperts is not None:
                     out_dtype,
                 )
             outputs = []
-            # rowwise / block scaling: each expert through float8_linear; split and unbind: the backward writes each expert's gradient slice once (slicing or
-            # indexing [e] would materialise a full-size zero gradient per expert)
+            # rowwise / block scaling: each expert through float8_linear. split and unbind: the
+            # backward writes each expert's gradient slice once (slicing or indexing [e] would
+            # materialise a full-size zero gradient per expert)
             slices = x_sorted.split(list(counts))
             for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
                 if xe.shape[0] == 0:

@@ -348,7 +348,8 @@ class _Float8LinearFn(torch.autograd.Function):
 
         grad_x = grad_w = None
         gq: Float8Quantized | None = None
-        if ctx.needs_input_grad[0] or recipe.scaling == "tensorwise":
+        # tensorwise: the weight gradient reuses these FP8 bits transposed (same single scale)
+        if ctx.needs_input_grad[0] or (recipe.scaling == "tensorwise" and ctx.needs_input_grad[1]):
             gq = recipe.quantize(g, recipe.activation_block, recipe.grad_dtype)  # (M, N), along N
         if ctx.needs_input_grad[0]:
             assert gq is not None and w_t is not None
