@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past the end-of-document token (by default the sample ends there)",
+    )
+    p.add_argument(
         "--speculative",
         action="store_true",
         help="DeepSeek-V3 with MTP: greedy decoding drafted by the MTP module and verified by the main model "
@@ -239,23 +244,41 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`deepsuite generate`."""
     from deepsuite.checkpoint.manager import find_checkpoint, load_model_from_checkpoint
+    from deepsuite.config import ConfigError
     from deepsuite.data import Tokenizer
     from deepsuite.training.trainer import generate_text
 
     if args.max_new_tokens < 0:
-        from deepsuite.config import ConfigError
-
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k={args.top_k} must be >= 0 (0 = off)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(
+            f"--top-p={args.top_p} must be in (0, 1]; leave it out to turn nucleus sampling off"
+        )
     path = find_checkpoint(args.checkpoint)
     model, state, _ = load_model_from_checkpoint(path)
     tok_path = path / "tokenizer.model"
     tok = Tokenizer(tok_path if tok_path.is_file() else Path(state["tokenizer"]))
     if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
-        from deepsuite.config import ConfigError
-
         raise ConfigError(
             f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "
             "drop --speculative"
+        )
+    limit = getattr(getattr(model, "args", None), "max_seq_len", None)
+    n_prompt = len(tok.encode(args.prompt))
+    if limit is not None and n_prompt + args.max_new_tokens > limit:
+        if n_prompt >= limit:
+            raise ConfigError(
+                f"--prompt is {n_prompt} tokens but the model's max_seq_len is {limit}: shorten it to fewer "
+                f"than {limit} tokens"
+            )
+        print(
+            f"note: --max-new-tokens {args.max_new_tokens} shortened to {limit - n_prompt} "
+            f"(prompt {n_prompt} tokens, max_seq_len {limit})",
+            file=sys.stderr,
         )
     text = generate_text(
         model,
@@ -267,6 +290,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         speculative=args.speculative,
+        stop_at_eos=not args.ignore_eos,
     )
     print(text)
     if args.speculative:

@@ -395,7 +395,7 @@ class TokenDispatcher:
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state: Any) -> torch.Tensor:
         """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""
         order, inverse = state
-        y = _PermuteRows.apply(y_sorted, inverse, order).view(*weights.shape, -1)  # (N, k, D) token order
+        y = _PermuteRows.apply(y_sorted, inverse, order).view(*weights.shape, y_sorted.shape[-1])  # (N, k, D)
         if y.is_cuda:  # a (1 × k) @ (k × D) bmm per token is a poor GEMM on GPUs: multiply and sum
             return (y * weights[..., None].to(y.dtype)).sum(dim=1)  # (N, D)
         return torch.bmm(weights[:, None, :].to(y.dtype), y).squeeze(1)  # (N, D)

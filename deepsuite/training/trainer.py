@@ -401,27 +401,45 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
     speculative: bool = False,
+    stop_at_eos: bool = True,
 ) -> str:
-    """Decode `prompt` + `max_new_tokens` sampled tokens (greedy MTP-drafted with ``speculative``)."""
+    """Decode `prompt` + up to `max_new_tokens` sampled tokens (greedy MTP-drafted with ``speculative``).
+
+    With ``stop_at_eos`` (default) generation ends at the tokenizer's end-of-document id, which the
+    training data puts after every document: what follows it would be an unrelated next document.
+    Raises ``ValueError`` when the prompt leaves no room under the model's ``max_seq_len``; a request
+    for more tokens than fit is shortened to what fits.
+    """
     ids = tok.encode(prompt) or [tok.eos_id]
     limit = getattr(getattr(model, "args", None), "max_seq_len", None)
     if limit is not None:
+        if len(ids) >= limit and max_new_tokens > 0:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens and the model's max_seq_len is {limit}: no room to generate; "
+                f"shorten the prompt to fewer than {limit} tokens"
+            )
         max_new_tokens = max(0, min(max_new_tokens, limit - len(ids)))
+    eos = int(tok.eos_id) if stop_at_eos else None
     gen = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids], device=device)
     if speculative:
         out = model.generate(  # type: ignore[operator]
-            torch.tensor([ids], device=device), max_new_tokens, temperature=0, speculative=True
+            prompt_ids, max_new_tokens, temperature=0, speculative=True, eos_token_id=eos
         )
-        return str(tok.decode(out[0].tolist()))
-    out = model.generate(  # type: ignore[operator]
-        torch.tensor([ids], device=device),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=gen,
-    )
-    return str(tok.decode(out[0].tolist()))
+    else:
+        out = model.generate(  # type: ignore[operator]
+            prompt_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos,
+            generator=gen,
+        )
+    new = out[0, len(ids) :].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return str(tok.decode(ids + new))
 
 
 def train(cfg: Config, resume: str | None = None) -> TrainResult:

@@ -250,6 +250,31 @@ def test_generate_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_pat
     fails(capsys, ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x"], r"does not exist")
 
 
+@pytest.mark.parametrize(
+    ("flags", "pattern"),
+    [
+        (["--top-p", "0"], r"--top-p=0.0 must be in \(0, 1\]"),
+        (["--temperature", "-1"], r"--temperature=-1.0 must be >= 0"),
+        (["--top-k", "-3"], r"--top-k=-3 must be >= 0"),
+    ],
+)
+def test_generate_bad_sampling_flags(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], pattern: str
+) -> None:
+    # checked before the checkpoint is even looked for
+    fails(capsys, ["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x", *flags], pattern)
+
+
+def test_generate_prompt_longer_than_the_model(capsys: pytest.CaptureFixture[str], finished: Path) -> None:
+    prompt = " ".join(["ROMEO and JULIET"] * 60)  # > max_seq_len=64 tokens
+    fails(capsys, ["generate", "--checkpoint", str(finished), "--prompt", prompt], r"max_seq_len is 64")
+    # a prompt that fits but leaves less room than asked: shortened, with a note
+    assert (
+        main(["generate", "--checkpoint", str(finished), "--prompt", "ROMEO", "--max-new-tokens", "500"]) == 0
+    )
+    assert "note: --max-new-tokens 500 shortened to" in capsys.readouterr().err
+
+
 def test_non_finite_loss_stops_without_checkpoint(
     capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path
 ) -> None:

@@ -274,3 +274,17 @@ def test_mtp_module_equals_transformers_mtp_layer() -> None:
         # transformers places module 1 at the positions of the embedded tokens (RoPE is relative)
         expected = mtp.forward_layer(0, h[:, :11], torch.arange(1, 12)[None], None, input_ids=ids[:, 1:])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_yarn_attention_factor_is_checked() -> None:
+    """An explicit ``attention_factor`` (transformers uses it instead of the mscale-derived one) is
+    accepted when it equals what mscale implies and refused otherwise (it would change the logits)."""
+    from deepsuite.config import ConfigError
+    from deepsuite.layers.attention.rope import yarn_get_mscale
+
+    rope = {**YARN, "factor": 8.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+    implied = yarn_get_mscale(8.0, 0.707) / yarn_get_mscale(8.0, 0.707)
+    config = {**BASE, "rope_parameters": {**rope, "attention_factor": implied}}
+    assert hf_adapter.config_from_hf(config).rope_factor == 8.0
+    with pytest.raises(ConfigError, match=r"attention_factor=1\.5 differs"):
+        hf_adapter.config_from_hf({**BASE, "rope_parameters": {**rope, "attention_factor": 1.5}})

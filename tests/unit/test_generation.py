@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from deepsuite.generation.generate import generate
 from deepsuite.generation.kv_cache import KVCache
@@ -148,3 +149,43 @@ def test_kv_cache_bounds():
         cache.update(0, k, k, start_pos=2)
     with pytest.raises(ValueError, match="batch size 2"):
         cache.update(0, k[:1], k[:1], start_pos=0)
+
+
+def test_generate_text_stops_at_the_end_of_the_document() -> None:
+    """`generate_text` (the CLI and the end-of-training sample) ends at the tokenizer's EOS: what the
+    model writes after it belongs to an unrelated next document."""
+    from types import SimpleNamespace
+
+    from deepsuite.training.trainer import generate_text
+
+    class Scripted(nn.Module):
+        """Greedy output 7, EOS (2), then 7s forever."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.args = SimpleNamespace(max_seq_len=32)
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def new_cache(self, batch_size, max_seq_len, device, dtype):
+            return None
+
+        def forward(self, input_ids, cache=None, start_pos=0):
+            b, t = input_ids.shape
+            logits = torch.zeros(b, t, 10)
+            logits[:, -1, 2 if start_pos + t == 3 else 7] = 1.0  # prompt of 2 -> 7, then EOS, then 7s
+            return logits
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    class Tok:
+        eos_id = 2
+
+        def encode(self, text: str) -> list[int]:
+            return [5, 6]
+
+        def decode(self, ids) -> str:
+            return " ".join(str(i) for i in ids if i != self.eos_id)
+
+    assert generate_text(Scripted(), Tok(), "hi", 6, temperature=0.0) == "5 6 7"
+    assert generate_text(Scripted(), Tok(), "hi", 6, temperature=0.0, stop_at_eos=False) == "5 6 7 7 7 7 7"

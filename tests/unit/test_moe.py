@@ -267,6 +267,18 @@ def test_expert_kernels_agree_with_empty_experts(implementation: str) -> None:
     torch.testing.assert_close(grad.double(), ref_moe.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "cpu_split", "grouped_mm", "loop"])
+def test_empty_input(implementation: str) -> None:
+    """A batch with no tokens (e.g. an empty micro-batch after filtering) gives an empty output."""
+    moe = make_moe()
+    moe.experts.implementation = implementation
+    x = torch.zeros(2, 0, D, requires_grad=True)
+    out = moe(x)
+    assert out.shape == (2, 0, D)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (2, 0, D)
+
+
 def _experts_step(
     experts: GroupedExperts, x: torch.Tensor, counts: list[int], grad: torch.Tensor
 ) -> list[torch.Tensor]:

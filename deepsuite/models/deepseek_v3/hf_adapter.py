@@ -107,6 +107,15 @@ def config_to_hf(args: DeepSeekV3Config) -> dict[str, Any]:
     }
 
 
+def _yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """The cos/sin factor deepsuite's YaRN RoPE applies (`RotaryPositionEmbedding.attention_factor`)."""
+    from deepsuite.layers.attention.rope import yarn_get_mscale
+
+    if mscale and mscale_all_dim:
+        return yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    return yarn_get_mscale(factor)
+
+
 def config_from_hf(config: dict[str, Any]) -> DeepSeekV3Config:
     """`DeepSeekV3Config` from a transformers / DeepSeek config.json dict."""
     if config.get("hidden_act", "silu") != "silu":
@@ -139,6 +148,19 @@ def config_from_hf(config: dict[str, Any]) -> DeepSeekV3Config:
             mscale=float(rope.get("mscale") or 0.0),
             mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
         )
+        explicit = rope.get("attention_factor")
+        if explicit is not None:
+            implied = _yarn_attention_factor(
+                float(factor),
+                yarn["mscale"],
+                yarn["mscale_all_dim"],  # type: ignore[arg-type]
+            )
+            if abs(float(explicit) - implied) > 1e-6 * max(1.0, implied):
+                raise ConfigError(
+                    f"rope_parameters.attention_factor={explicit} differs from the factor mscale/mscale_all_dim "
+                    f"imply ({implied:.6g}); deepsuite derives it from mscale as DeepSeek-V3 does: remove the key "
+                    "or set mscale/mscale_all_dim to match"
+                )
     mtp = config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0))
     args = DeepSeekV3Config(
         vocab_size=config["vocab_size"],
