@@ -263,6 +263,9 @@ class CheckpointConfig:
     save_final: bool = True
     """Save a checkpoint when training ends."""
 
+    init_from: str = ""
+    """Start a fresh run (step 0, new optimizer) from these weights: an HF folder (`config.json` + safetensors), a deepsuite model folder (`model.yaml`) or a training run/`step_N` folder (any ZeRO stage, world size and `ep_size`). Its architecture must equal `model` (dropout/init may differ; missing MTP modules start fresh). Ignored when the run resumes from its own checkpoint."""
+
 
 @dataclass
 class LoggingConfig:

@@ -266,7 +266,7 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
         if any(Path(tag_dir).glob(EXPERT_SHARD_GLOB)):
             raise ValueError(
                 f"{tag_dir} holds expert-parallel shards but this run has parallel.ep_size=1; resume with the "
-                "checkpoint's ep_size, or consolidate it (deepsuite convert zero-to-hf) and start from HF"
+                "checkpoint's ep_size, or start a new run from its weights with checkpoint.init_from=<that run>"
             )
         return 0
     path = expert_shard_path(tag_dir, layout.ep_rank, layout.ep_size)
@@ -274,7 +274,7 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
         others = sorted(p.name for p in Path(tag_dir).glob("expert_shard_ep*.pt"))
         raise FileNotFoundError(
             f"{path} is missing (found {others or 'no expert shards'}); resume with the ep_size the "
-            "checkpoint was written with, or consolidate it (deepsuite convert zero-to-hf) and start from HF"
+            "checkpoint was written with, or start a new run from its weights with checkpoint.init_from=<that run>"
         )
     saved = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
     module = getattr(model, "module", model)

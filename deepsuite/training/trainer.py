@@ -169,6 +169,12 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.training.seed)
         model = build_model(cfg.model, device=self.device)
+        if cfg.checkpoint.init_from and self.resume_from is None:
+            from deepsuite.checkpoint.init_from import load_initial_weights
+
+            _say(self.dims, load_initial_weights(model, cfg.checkpoint.init_from))
+        elif cfg.checkpoint.init_from:
+            _say(self.dims, f"checkpoint.init_from ignored: resuming from {self.resume_from}")
         configure_model(model, cfg)
         spec = get_model_spec(cfg.model.name)
         model = spec.parallelize_fn()(model, self.dims, cfg)

@@ -1,0 +1,111 @@
+"""Start a fresh training run from existing weights (``checkpoint.init_from``).
+
+The source can be a Hugging Face folder (``config.json`` + safetensors, e.g. what
+``deepsuite convert zero-to-hf`` writes or a transformers ``GPT2LMHeadModel`` /
+``DeepseekV3ForCausalLM`` folder), a deepsuite model folder (``model.yaml``), or a training
+checkpoint (a run folder or ``step_N``; any ZeRO stage and EP layout, consolidated on load). This is
+also how a run changes its world size or ``ep_size``: point ``init_from`` at the old run.
+
+The run's own model config decides the architecture; the source must match it field for field
+(training-only fields such as dropout, init_std and the balance-loss weight may differ). MTP modules
+are the one allowed structural difference: modules the source lacks are initialised fresh, extra
+ones in the source are dropped; both are reported. Optimizer state, step and data position are
+not taken over: the run starts at step 0 with these weights.
+
+The whole source model is read into CPU memory on every rank before the engine is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from deepsuite.config.errors import ConfigError
+
+# fields that change training, not the function the weights compute
+_TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "balance_loss_alpha", "mtp_depth"})
+
+
+def _load_source(path: Path) -> tuple[nn.Module, str]:
+    from deepsuite.checkpoint.hf_io import MODEL_YAML, load_model
+    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.models.hf import load_hf
+
+    if (path / "config.json").is_file():
+        return load_hf(path), "Hugging Face folder"
+    if (path / MODEL_YAML).is_file():
+        return load_model(path), "deepsuite model folder"
+    model, _, _ = load_model_from_checkpoint(path)
+    return model, "training checkpoint"
+
+
+def _architecture_mismatches(ours: Any, theirs: Any) -> list[str]:
+    """``model.<field>=<ours> here, <theirs> in the source`` for every differing field."""
+    if type(ours) is not type(theirs):
+        return [f"model family {type(ours).__name__} here, {type(theirs).__name__} in the source"]
+    out = []
+    for f in dataclasses.fields(ours):
+        if f.name in _TRAINING_ONLY_FIELDS:
+            continue
+        a, b = getattr(ours, f.name), getattr(theirs, f.name)
+        if a != b:
+            out.append(f"model.{f.name}={a!r} here, {b!r} in the source")
+    return out
+
+
+def load_initial_weights(model: nn.Module, init_from: str) -> str:
+    """Copy the weights of ``init_from`` into ``model`` (freshly built from the run's config, not yet
+    parallelised or handed to DeepSpeed); returns a one-line summary for the log.
+
+    Raises `ConfigError` naming the path when it does not exist or its architecture differs from
+    the run's (each differing field with both values), and `CheckpointFormatError` (via the
+    loaders) when its files are unreadable.
+    """
+    path = Path(init_from)
+    if not path.exists():
+        raise ConfigError(
+            f"checkpoint.init_from={init_from!r} does not exist; give an HF folder, a deepsuite model folder "
+            "or a training run/step_N folder"
+        )
+    source, kind = _load_source(path)
+    ours, theirs = getattr(model, "args", None), getattr(source, "args", None)
+    if ours is None or theirs is None:
+        raise ConfigError(f"checkpoint.init_from={init_from!r}: cannot compare architectures (no model args)")
+    mismatches = _architecture_mismatches(ours, theirs)
+    if mismatches:
+        raise ConfigError(
+            f"checkpoint.init_from={init_from!r} ({kind}) has a different architecture: "
+            + "; ".join(mismatches)
+            + ". Set those model keys to the source's values (or pick the matching model.flavor)"
+        )
+    target = model.state_dict()
+    source_sd = source.state_dict()
+    shape_errors = [
+        f"{k}: {tuple(target[k].shape)} here, {tuple(v.shape)} in the source"
+        for k, v in source_sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if shape_errors:  # the args agree, so this is a corrupt or foreign source
+        raise ConfigError(
+            f"checkpoint.init_from={init_from!r}: tensor shapes differ: {'; '.join(shape_errors[:5])}"
+        )
+    fresh = sorted(k for k in target if k not in source_sd)
+    dropped = sorted(k for k in source_sd if k not in target)
+    unexplained = [k for k in fresh + dropped if not k.startswith("mtp.")]
+    if unexplained:
+        raise ConfigError(
+            f"checkpoint.init_from={init_from!r}: weights do not line up with the model: {unexplained[:5]}"
+        )
+    model.load_state_dict({k: v for k, v in source_sd.items() if k in target}, strict=False)
+    n_params = sum(v.numel() for k, v in source_sd.items() if k in target)
+    summary = (
+        f"initialised from {init_from} ({kind}): {len(target) - len(fresh)} tensors, {n_params:,} values"
+    )
+    if fresh:
+        summary += f"; {len(fresh)} MTP tensors not in the source start fresh"
+    if dropped:
+        summary += f"; {len(dropped)} MTP tensors of the source dropped (model.mtp_depth is smaller)"
+    return summary
