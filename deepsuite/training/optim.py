@@ -50,8 +50,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR for optimizer step `s` (0-based): linear warmup over
-    `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at `total_steps` (or constant)."""
+    """Multiplier of the peak LR for optimizer step `s` (0-based, `s < total_steps`).
+
+    Warmup: step `s < warmup_steps` uses `(s + 1) / warmup_steps` (the last warmup step is at the
+    peak). Then cosine or linear decay reaching `min_lr_ratio` at the last step, `total_steps - 1`
+    (or constant)."""
     warmup = schedule.warmup_steps
     floor = schedule.min_lr_ratio
 
@@ -60,7 +63,7 @@ def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], flo
             return (step + 1) / warmup
         if schedule.decay == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup + 1) / max(1, total_steps - warmup))
         if schedule.decay == "linear":
             return 1.0 - (1.0 - floor) * progress
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -22,6 +22,7 @@ from torch import nn
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import config_to_dict, dump_config, resolve_model_args
 from deepsuite.config.schema import Config
+from deepsuite.heads import LM_IGNORE_INDEX
 
 
 class TrainingDivergedError(RuntimeError):
@@ -212,8 +213,25 @@ class Trainer:
         state = load_checkpoint(self.engine, self.resume_from, self.dims.rank)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
+        self._apply_configured_lr()
         self.tokens_seen = int(state["tokens_seen"])
         _say(self.dims, f"resumed from {self.resume_from} at step {self.step}")
+
+    def _apply_configured_lr(self) -> None:
+        """After a resume: the schedule of *this* config from the restored step on.
+
+        DeepSpeed restores the scheduler's base learning rates and the optimizer's current rate
+        from the checkpoint, so a changed `optim.lr` would be ignored and a changed schedule (e.g.
+        more `training.steps`) would apply one step late. Unchanged settings give the same values,
+        computed the same way (exact resume stays bitwise)."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return
+        sched.base_lrs = [float(self.cfg.optim.lr) for _ in sched.base_lrs]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def save(self) -> Path:
         """Write a checkpoint of the current step."""
@@ -299,7 +317,7 @@ class Trainer:
         cfg = self.cfg
         micro, world = self.layout.micro_batch_size, self.dims.dp_size
         starts = eval_starts(self.val_data, cfg.training.seq_len, cfg.training.eval_batches * micro)
-        weights = np.ones(len(starts))
+        weights = np.ones(len(starts))  # 1 = a real window, 0 = padding
         per_rank = -(-len(starts) // world)
         per_rank = -(-per_rank // micro) * micro  # every rank runs the same number of passes (ZeRO-3)
         pad = per_rank * world - len(starts)
@@ -312,18 +330,23 @@ class Trainer:
         self.engine.eval()
         for lo in range(0, len(mine), micro):
             inputs, labels = windows_batch(self.val_data, mine[lo : lo + micro], cfg.training.seq_len)
-            w = torch.as_tensor(my_w[lo : lo + micro], dtype=torch.float64, device=self.device)
+            # padding windows (copies of the first, there so every rank runs the same passes) are
+            # ignored by the loss; a micro-batch counts with its real tokens
+            labels[torch.as_tensor(my_w[lo : lo + micro] == 0)] = LM_IGNORE_INDEX
+            real = float((labels != LM_IGNORE_INDEX).sum())
             with self._autocast():
                 out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
-            # the model's loss is the mean over the micro-batch: weight it by its real windows. The
-            # validation loss is the next-token loss alone (`main_loss`), comparable across models
-            # with and without MTP; the MTP depths are reported beside it.
+            if real == 0:  # a micro-batch of padding only (its loss is NaN): nothing to add
+                continue
+            # The model's loss is the mean over the micro-batch's real tokens. The validation loss
+            # is the next-token loss alone (`main_loss`), comparable across models with and
+            # without MTP; the MTP depths are reported beside it.
             main = out.metrics.get("main_loss", out.loss)
-            total[0] += main.double() * w.sum()
-            total[1] += w.sum()
+            total[0] += main.double() * real
+            total[1] += real
             depths = sorted(k for k in out.metrics if k.startswith("mtp_loss_"))
             if depths:
-                mtp = torch.stack([out.metrics[k].double() for k in depths]) * w.sum()
+                mtp = torch.stack([out.metrics[k].double() for k in depths]) * real
                 mtp_total = mtp if mtp_total is None else mtp_total + mtp
         self.engine.train()
         all_reduce_sum(total)
@@ -458,7 +481,14 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     dims = trainer.dims
     _say(dims, describe_layout(cfg, dims, trainer.layout, trainer.ds_config))
     trainer.load()
-    result = TrainResult(start_step=trainer.step)
+    result = TrainResult(start_step=trainer.step, end_step=trainer.step)
+    if trainer.step >= cfg.training.steps:  # a finished run started again: nothing to do, nothing written
+        _say(
+            dims,
+            f"{trainer.resume_from} is at step {trainer.step} and training.steps={cfg.training.steps}: nothing to "
+            "train; raise training.steps to continue",
+        )
+        return result
     resumed = trainer.resume_from is not None
     logger = MetricsLogger(cfg, dims.is_main, resume_step=trainer.step if resumed else None)
     if dims.is_main:

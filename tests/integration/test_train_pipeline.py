@@ -230,3 +230,33 @@ def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(
     second = run(tiny_data, tmp_path / "b", **DSV3)
     assert first.losses + second.losses == result.losses
     assert second.mtp_acceptance == result.mtp_acceptance
+
+
+def lrs(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+def test_resume_follows_the_configured_learning_rate(tiny_data: Path, tmp_path: Path) -> None:
+    """A resumed run uses *its* optim.lr and schedule from the first step on (DeepSpeed restores the
+    old ones with the checkpoint)."""
+    run(tiny_data, tmp_path, training__steps=6, training__max_steps_per_run=3, optim__lr=1e-3)
+    second = run(tiny_data, tmp_path, training__steps=8, optim__lr=4e-3, schedule__decay="constant")
+    assert second.start_step == 3
+    got = lrs(tmp_path)
+    assert [got[s] for s in (4, 5, 8)] == pytest.approx([4e-3, 4e-3, 4e-3], rel=1e-12)
+
+
+def test_finished_run_started_again_does_nothing(
+    straight: tuple[Path, TrainResult], tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight[0], run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = run(tiny_data, run_dir, training__steps=4)  # the checkpoint is at step 6
+    assert again.start_step == again.end_step == 6 and again.sample == ""
+    assert "is at step 6 and training.steps=4: nothing to train" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == before

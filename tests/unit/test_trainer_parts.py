@@ -43,11 +43,12 @@ def test_schedule_warmup_then_cosine_to_floor() -> None:
     cfg = load_config(None, ["schedule.warmup_steps=10", "schedule.min_lr_ratio=0.1", "training.steps=110"])
     f = lr_factor(cfg.schedule, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert f(10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 100)))  # the peak once only
+    assert f(59) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(109) == pytest.approx(0.1)  # the last step (training.steps - 1) is at the floor
+    assert f(108) > 0.1 and f(500) == pytest.approx(0.1)
     lin = lr_factor(load_config(None, ["schedule.decay=linear", "schedule.warmup_steps=0"]).schedule, 100)
-    assert lin(50) == pytest.approx(1 - 0.9 * 0.5)
+    assert lin(49) == pytest.approx(1 - 0.9 * 0.5) and lin(99) == pytest.approx(0.1)
     const = lr_factor(load_config(None, ["schedule.decay=constant", "schedule.warmup_steps=0"]).schedule, 100)
     assert const(99) == 1.0
 
@@ -62,7 +63,8 @@ def test_scheduler_drives_the_optimizer_lr() -> None:
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01])
+    peak_then = 0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 16)))
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, peak_then])
 
 
 class FakeMoE(nn.Module):

@@ -141,6 +141,18 @@ if rank == 0:
         hf_logits, our_logits, ref_logits = hf(ids).logits, ours(ids), ref(ids)
     result["hf_vs_ours_max_abs"] = float((hf_logits - our_logits).abs().max())
     result["ep2_vs_ep1_logits_max_abs"] = float((our_logits - ref_logits).abs().max())
+    # the validation loss on 2 ranks (eval_batches=1 × micro 4 = 4 windows: each rank runs one
+    # micro-batch of 2 real windows and 2 padding copies) equals the plain mean next-token loss
+    # of the same 4 windows in one process
+    from deepsuite.data import TokenShards, eval_starts, windows_batch
+
+    val = TokenShards(Path("data/shakespeare"), "val")
+    inputs, labels = windows_batch(val, eval_starts(val, 32, 4), 32)
+    with torch.no_grad():
+        ref_val = float(ref(inputs, labels=labels).metrics["main_loss"])
+    logged = [json.loads(x) for x in (ep1 / "log" / "metrics.jsonl").read_text().splitlines()]
+    val_10 = [r["val_loss"] for r in logged if r.get("step") == 10 and "val_loss" in r]
+    result["val_loss_vs_one_process_rel"] = abs(val_10[-1] - ref_val) / ref_val
     expert_shards = sorted(p.name for p in (ep2 / "ckpt" / "step_10" / "deepspeed").glob("expert_shard_*"))
     result["expert_shards"] = expert_shards
 write(args, result)
