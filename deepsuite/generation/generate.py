@@ -50,6 +50,9 @@ def generate(
     Runs under ``torch.inference_mode`` with the model in eval mode (its previous mode is restored).
     Rows that produced ``eos_token_id`` keep producing it (padding); generation stops early once
     every row is done. ``temperature == 0`` is greedy decoding.
+
+    Every row is a whole prompt of the same length: there is no attention mask, so a left-padded
+    batch would attend to its pad tokens. Generate prompts of different lengths one call each.
     """
     _check(temperature, top_k, top_p)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
