@@ -308,7 +308,7 @@ def _overwrite_hint(exc: FileExistsError) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """`deepsuite convert`."""
+    """`deepsuite convert`: DST is checked before SRC is read; a bad SRC exits 2 with one line."""
     from deepsuite.checkpoint import convert
 
     fn = {
@@ -316,6 +316,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "deepsuite-to-hf": convert.deepsuite_to_hf,
         "zero-to-hf": convert.zero_to_hf,
     }[args.conversion]
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or (not args.overwrite and any(dst.iterdir()))):
+        from deepsuite.config import ConfigError
+
+        raise ConfigError(  # before the (possibly long) load
+            f"{dst} exists and is not a folder; remove it or choose another DST"
+            if not dst.is_dir()
+            else f"{dst} exists and is not empty; pass --overwrite to replace it"
+        )
     try:
         out = fn(args.src, args.dst, overwrite=args.overwrite)
     except FileExistsError as exc:

@@ -2,8 +2,10 @@
 native folder (model.yaml + model.safetensors with deepsuite key names).
 
 Writes are atomic: everything goes into a temporary folder next to the target, which is renamed into
-place only when complete, so a crash never leaves a half-written folder. Only safetensors are read;
-pickled ``pytorch_model.bin`` files are refused (unpickling runs arbitrary code).
+place only when complete (files and folder fsynced, mode set from the umask), so a crash never leaves a
+half-written folder. Only safetensors are read; pickled ``pytorch_model.bin`` files are refused
+(unpickling runs arbitrary code). Whatever is wrong with a folder being read (truncated or corrupt
+files, bad JSON/YAML, dangling aliases) raises `CheckpointFormatError` naming the file.
 
 safetensors refuses tensors that share storage, so aliases (tied weights) are written once and the
 alias map is stored in the file metadata (``deepsuite.aliases``); readers restore the aliases.
@@ -20,11 +22,11 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,6 +36,7 @@ CONFIG_FILE = "config.json"
 MODEL_YAML = "model.yaml"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _ALIASES_KEY = "deepsuite.aliases"
+_T = TypeVar("_T")
 
 
 class CheckpointFormatError(ValueError):
@@ -43,12 +46,41 @@ class CheckpointFormatError(ValueError):
 # ----------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, then ``folder`` itself (the training
+    checkpoint's helpers)."""
+    from deepsuite.checkpoint.manager import _fsync_dir, _fsync_file
+
+    for p in sorted(folder.rglob("*"), reverse=True):  # children before their folders
+        if p.is_symlink():
+            continue
+        if p.is_file():
+            _fsync_file(p)
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
+
+
+def _fsync_parent(path: Path) -> None:
+    from deepsuite.checkpoint.manager import _fsync_dir
+
+    _fsync_dir(path.parent)  # makes the rename itself durable
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
 
     A non-empty existing ``target`` is replaced only with ``overwrite=True``; on any error the
-    temporary folder is removed and ``target`` is left as it was.
+    temporary folder is removed and ``target`` is left as it was. Before the rename the folder gets
+    the mode a plain ``mkdir`` would give it (``0o777 & ~umask``, not ``mkdtemp``'s 0700) and every
+    file in it and the folder itself are fsynced; the parent folder is fsynced after the rename.
     """
     target = Path(target)
     if target.exists():
@@ -60,6 +92,8 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        _sync_tree(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
@@ -71,6 +105,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+        _fsync_parent(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -183,15 +218,64 @@ def _refuse_pickles(folder: Path) -> None:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _read_file(path: Path, out: dict[str, torch.Tensor]) -> dict[str, str]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            out[key] = f.get_tensor(key)
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                out[key] = f.get_tensor(key)
+            return f.metadata() or {}
+    except SafetensorError as exc:
+        raise CheckpointFormatError(
+            f"{path} is not a readable safetensors file ({_one_line(exc)}); it is probably truncated or "
+            "partly copied: copy or download it again"
+        ) from None
+
+
+def _aliases_of(meta: dict[str, str], path: Path) -> dict[str, str]:
+    """The ``{alias: stored name}`` map in a safetensors file's metadata (empty when there is none)."""
+    raw = meta.get(_ALIASES_KEY)
+    if raw is None:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointFormatError(
+            f"{path}: its {_ALIASES_KEY} metadata is not a JSON object of tensor names; the file is "
+            "damaged or was edited: write it again from the model"
+        )
+    return aliases
+
+
+def restore_aliases(tensors: dict[str, _T], aliases: dict[str, str], source: str | os.PathLike[str]) -> None:
+    """Add to ``tensors`` each alias of ``aliases`` (``{alias: stored name}``, the ``deepsuite.aliases``
+    metadata) as the entry of its stored name, in place; an alias whose stored name is not among
+    ``tensors`` raises `CheckpointFormatError` naming ``source``."""
+    dangling = {alias: name for alias, name in aliases.items() if name not in tensors}
+    if dangling:
+        alias, name = next(iter(dangling.items()))
+        more = f" (and {len(dangling) - 1} more such aliases)" if len(dangling) > 1 else ""
+        raise CheckpointFormatError(
+            f"{source}: its {_ALIASES_KEY} metadata makes {alias!r} an alias of {name!r}, which is not "
+            f"stored{more}; the folder is incomplete or was edited: write it again from the model"
+        )
+    for alias, name in aliases.items():
+        tensors.setdefault(alias, tensors[name])
 
 
 def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of ``folder`` (``model.safetensors`` or a sharded index), aliases restored."""
+    """All tensors of ``folder`` (``model.safetensors`` or a sharded index), aliases restored.
+
+    A truncated or corrupt file, a bad index or an alias of a tensor that is not stored raises
+    `CheckpointFormatError` naming the file.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointFormatError(f"{folder} is not a folder")
@@ -199,32 +283,49 @@ def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     aliases: dict[str, str] = {}
     if (folder / SINGLE_FILE).is_file():
         meta = _read_file(folder / SINGLE_FILE, tensors)
-        aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
+        aliases = _aliases_of(meta, folder / SINGLE_FILE)
     elif (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        weight_map: dict[str, str] = index.get("weight_map", {})
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointFormatError(
+                f"{folder / INDEX_FILE} is not valid JSON ({_one_line(exc)}); copy or download it again"
+            ) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointFormatError(
+                f"{folder / INDEX_FILE} has no 'weight_map' object (tensor name -> shard file); "
+                "copy or download it again"
+            )
         for name in sorted(set(weight_map.values())):
             shard = folder / name
             if not shard.is_file() or Path(name).name != name:
                 raise CheckpointFormatError(f"{folder / INDEX_FILE} names shard {name!r}, which is missing")
             meta = _read_file(shard, tensors)
-            aliases.update(json.loads(meta.get(_ALIASES_KEY, "{}")))
+            aliases.update(_aliases_of(meta, shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointFormatError(f"shards of {folder} lack tensors listed in the index: {missing[:5]}")
     else:
         _refuse_pickles(folder)
-    for alias, source in aliases.items():
-        tensors.setdefault(alias, tensors[source])
+    restore_aliases(tensors, aliases, folder / SINGLE_FILE if (folder / SINGLE_FILE).is_file() else folder)
     return tensors
 
 
 def read_hf_folder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config.json as a dict, tensors)`` of an HF model folder."""
+    """``(config.json as a dict, tensors)`` of an HF model folder; a missing or corrupt config.json
+    or safetensors file raises `CheckpointFormatError`."""
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(
+            f"{folder / CONFIG_FILE} is not valid JSON ({_one_line(exc)}); fix it or copy it again"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{folder / CONFIG_FILE} must hold a JSON object (the model's config)")
     return config, read_safetensors(folder)
 
 
@@ -302,7 +403,12 @@ def save_model(
 def load_model(
     path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Build the model described by ``model.yaml`` in ``path`` and load its safetensors strictly."""
+    """Build the model described by ``model.yaml`` in ``path`` and load its safetensors strictly.
+
+    The model is returned in eval mode (dropout off), as transformers' ``from_pretrained`` does; call
+    ``model.train()`` to train it. A missing or corrupt ``model.yaml`` or safetensors file raises
+    `CheckpointFormatError` naming the file.
+    """
     from deepsuite.config.loader import build_dataclass
     from deepsuite.models.registry import get_model_spec
 
@@ -311,14 +417,22 @@ def load_model(
         raise CheckpointFormatError(
             f"{folder} has no {MODEL_YAML}; for a Hugging Face folder use deepsuite.models.load_hf"
         )
-    spec_data = yaml.safe_load((folder / MODEL_YAML).read_text()) or {}
+    try:
+        spec_data = yaml.safe_load((folder / MODEL_YAML).read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(
+            f"{folder / MODEL_YAML} is not valid YAML ({_one_line(exc)}); fix it or write the folder again"
+        ) from None
     if not isinstance(spec_data, dict) or "name" not in spec_data:
         raise CheckpointFormatError(f"{folder / MODEL_YAML} must be a mapping with 'name' and 'args'")
-    spec = get_model_spec(spec_data["name"])
-    args = build_dataclass(spec.args_cls, dict(spec_data.get("args") or {}), "model")
+    model_args = spec_data.get("args") or {}
+    if not isinstance(model_args, dict):
+        raise CheckpointFormatError(f"{folder / MODEL_YAML}: 'args' must be a mapping of model settings")
+    spec = get_model_spec(str(spec_data["name"]))
+    args = build_dataclass(spec.args_cls, dict(model_args), "model")
     args.validate()
     with torch.device("meta"):
         model = spec.model_cls(args)
     model = materialize(model, device, dtype)
     load_state_dict_strict(model, read_safetensors(folder), source=str(folder))
-    return model
+    return model.eval()

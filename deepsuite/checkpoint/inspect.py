@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from deepsuite.checkpoint.hf_io import CONFIG_FILE, INDEX_FILE, MODEL_YAML, SINGLE_FILE
+from deepsuite.checkpoint.hf_io import CONFIG_FILE, INDEX_FILE, MODEL_YAML, SINGLE_FILE, restore_aliases
 from deepsuite.checkpoint.manager import (
     DS_TAG,
     STATE_FILE,
@@ -149,9 +149,7 @@ def _safetensors_folder(folder: Path) -> tuple[dict[str, TensorInfo], list[str],
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"shards of {folder} lack tensors listed in the index: {missing[:5]}")
-    for alias, source in aliases.items():
-        if source in tensors:
-            tensors.setdefault(alias, tensors[source])
+    restore_aliases(tensors, aliases, folder)
     return tensors, files, aliases
 
 
@@ -330,6 +328,14 @@ def _training_tensors(tag_dir: Path) -> tuple[dict[str, TensorInfo], int]:
     for alias, target in (ms.get("shared_params") or {}).items():
         if target in tensors:
             tensors[alias] = tensors[target]
+    # FP8 on Transformer Engine: per-expert `gate_up.weight{e}` / `down.weight{e}` → stacked experts
+    from deepsuite.fp8.experts import te_expert_stack_plan
+
+    for stacked_name, parts in te_expert_stack_plan(tensors).items():
+        shape, dtype = tensors[parts[0]]
+        for part in parts:
+            del tensors[part]
+        tensors[stacked_name] = ((len(parts), *shape), dtype)
     # expert parallel: each EP rank's [E/ep, …] experts sit in its own shard file
     shards = sorted(tag_dir.glob("expert_shard_ep*_of*.pt"))
     ep_size = 1

@@ -10,13 +10,22 @@ Layout of `checkpoint.dir`::
       config.yaml           # the resolved run config
       tokenizer.model       # copy of the tokenizer, so the folder is self-contained
       state.json            # written last: step, sampler position, tokens seen, model config,
-                            # and a manifest (path → bytes) of every other file
+                            # a manifest (path → bytes) of every other file and, under ZeRO-0, the
+                            # parameter names of each optimizer group (`optimizer_param_names`)
 
 Save sequence: everything goes to `tmp-step_N/`; `state.json` is written last and fsynced; the folder
 is renamed to `step_N/`; then `latest` is replaced (write + fsync + `os.replace`); only then are old
 checkpoints beyond `keep_last` deleted. Loading never unpickles freely: every DeepSpeed file is first
 read with torch's weights-only unpickler (tensors, containers and a short allowlist of DeepSpeed
 classes), and the engine's own reads are routed through it too.
+
+Consolidation (`consolidated_state_dict`) gives the fp32 master weights at every ZeRO stage. Under
+ZeRO-0 with ``training.dtype=bf16`` DeepSpeed 0.19 wraps the torch AdamW in its
+``FP16_UnfusedOptimizer`` (low-precision dtype bf16) and writes everything into
+``mp_rank_00_model_states.pt``: ``module`` holds the bf16 model, ``optimizer["fp32_groups"]`` the fp32
+master copies, one list per optimizer group in the group's parameter order, without names. The
+names come from ``optimizer_param_names`` in state.json (recorded at save time); each master is
+checked against the bf16 copy (DeepSpeed writes the module as the master rounded to bf16).
 """
 
 from __future__ import annotations
@@ -175,6 +184,10 @@ def save_checkpoint(
             "extra": extra or {},
             "files": files,
         }
+        if cfg.parallel.zero_stage == 0:
+            names = optimizer_param_names(engine)
+            if names is not None:
+                state["optimizer_param_names"] = names
         _write_durable(tmp / STATE_FILE, json.dumps(state, indent=1))
         for d in {tmp, *(p.parent for p in tmp.rglob("*"))}:
             _fsync_dir(d)
@@ -196,6 +209,29 @@ def save_checkpoint(
         rotate(root, cfg.checkpoint.keep_last)
     barrier()
     return final
+
+
+def optimizer_param_names(engine: Any) -> list[list[str]] | None:
+    """Names of the parameters of each optimizer group of ``engine``, in the order in which its
+    optimizer wrapper stores their fp32 master copies (None when they cannot be told).
+
+    DeepSpeed's ZeRO-0 mixed-precision wrappers (``FP16_UnfusedOptimizer``, ``FP16_Optimizer``)
+    keep the low-precision parameters of group ``i`` in ``fp16_groups[i]`` and save the masters in
+    that order with no names; ``BF16_Optimizer`` keeps ``bf16_groups``; without a wrapper (fp32) the
+    optimizer's own ``param_groups`` hold the model's parameters.
+    """
+    module = getattr(engine, "module", None)
+    optimizer = getattr(engine, "optimizer", None)
+    if module is None or optimizer is None:
+        return None
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    groups = getattr(optimizer, "fp16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    if groups is None:
+        groups = [g["params"] for g in getattr(optimizer, "param_groups", [])]
+    try:
+        return [[name_of[id(p)] for p in group] for group in groups]
+    except (KeyError, TypeError):
+        return None
 
 
 def rotate(root: Path, keep_last: int) -> list[Path]:
@@ -382,23 +418,137 @@ def load_config_of(path: Path) -> Config:
     return config_from_dict(read_yaml(path / "config.yaml"))
 
 
-def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """The model's full fp32 state dict from a checkpoint folder (any ZeRO stage)."""
+_LOW_PRECISION = ("bfloat16", "float16")
+
+
+def _same_storage_keys(module: dict[str, Any]) -> dict[str, list[str]]:
+    """{key: every key of ``module`` that is the same tensor (tied weights), itself included}."""
+    by_view: dict[tuple[Any, ...], list[str]] = {}
+    for key, value in module.items():
+        if hasattr(value, "untyped_storage") and value.numel() > 0:
+            storage = value.untyped_storage().data_ptr()
+            view = (storage, value.storage_offset(), tuple(value.shape), value.stride())
+            by_view.setdefault(view, []).append(key)
+    return {key: keys for keys in by_view.values() for key in keys}
+
+
+def _derived_param_names(path: Path, module: dict[str, Any]) -> list[list[str]]:
+    """The optimizer groups' parameter names of a ZeRO-0 checkpoint whose state.json predates
+    ``optimizer_param_names``: deepsuite's AdamW grouping (`training.optim.param_groups`) of the
+    model its config describes, with DeepSpeed's filter (trainable, non-empty; empty groups dropped).
+    The caller checks every master against the stored bf16 copy, so a mismatch cannot pass."""
     import torch
 
+    from deepsuite.config.loader import resolve_model_args
+    from deepsuite.models.registry import get_model_spec
+    from deepsuite.training.optim import param_groups
+
+    cfg = load_config_of(path)
+    with torch.device("meta"):
+        model = get_model_spec(cfg.model.name).model_cls(resolve_model_args(cfg.model))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        [name_of[id(p)] for p in g["params"] if p.requires_grad and p.numel() > 0]
+        for g in param_groups(model, cfg.optim.weight_decay)
+    ]
+    names = [g for g in groups if g]
+    missing = sorted({n for g in names for n in g} - set(module))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: its state.json does not record the optimizer's parameter names and "
+            f"the model its config describes has parameters the checkpoint lacks ({', '.join(missing[:3])}); "
+            "the fp32 master weights cannot be matched to names"
+        )
+    return names
+
+
+def _fp32_master_groups(path: Path, optimizer: Any, names: list[list[str]]) -> list[list[Any]]:
+    """The fp32 masters of a ZeRO-0 optimizer state (``FP16_UnfusedOptimizer``'s ``fp32_groups``:
+    one tensor per parameter), one list per group of ``names``."""
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer's `fp32_groups` are not lists of tensors per group"
+        )
+    if [len(g) for g in groups] != [len(g) for g in names]:
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer holds {[len(g) for g in groups]} fp32 master weights per "
+            f"group, the recorded parameter names {[len(g) for g in names]}"
+        )
+    return groups
+
+
+def _zero0_state_dict(path: Path, state: dict[str, Any], tag_dir: Path) -> dict[str, Any]:
+    """ZeRO-0: the model states file's module, with each trained parameter taken from the
+    optimizer's fp32 master copy when the module was stored in bf16/fp16 (see the module docstring)."""
+    import torch
+
+    from deepsuite.fp8.experts import is_extra_state_key
     from deepsuite.parallel.deepspeed import safe_torch_load
+
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} has no model states file in {tag_dir}")
+    saved = safe_torch_load(files[0], map_location="cpu")
+    module: dict[str, Any] = {k: v for k, v in saved["module"].items() if not is_extra_state_key(k)}
+    out = {
+        k: v.float() if isinstance(v, torch.Tensor) and torch.is_floating_point(v) else v
+        for k, v in module.items()
+    }
+    optimizer = saved.get("optimizer")
+    if not (isinstance(optimizer, dict) and "fp32_groups" in optimizer):
+        ds_config = saved.get("ds_config") or {}
+        mixed = any((ds_config.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
+        if mixed and any(
+            isinstance(v, torch.Tensor) and str(v.dtype).removeprefix("torch.") in _LOW_PRECISION
+            for v in module.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint {path} holds bf16/fp16 weights but its model states file has no fp32 master "
+                "weights (no optimizer `fp32_groups`); it cannot be consolidated to the fp32 weights"
+            )
+        return out  # fp32 training: the module is the optimizer's own parameters
+    names = state.get("optimizer_param_names") or _derived_param_names(path, module)
+    masters = _fp32_master_groups(path, optimizer, names)
+    tied = _same_storage_keys(module)
+    for group_names, group_masters in zip(names, masters):
+        for name, master in zip(group_names, group_masters):
+            stored = module.get(name)
+            if not isinstance(master, torch.Tensor) or not isinstance(stored, torch.Tensor):
+                raise CheckpointError(
+                    f"checkpoint {path}: no fp32 master weight or no stored tensor for {name!r}"
+                )
+            if stored.shape != master.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: the fp32 master weight recorded as {name!r} has shape "
+                    f"{list(master.shape)}, the model states hold {list(stored.shape)} under that name"
+                )
+            rounded = master.to(stored.dtype)
+            same = (rounded == stored) | (rounded.isnan() & stored.isnan())
+            if not bool(same.all()):
+                raise CheckpointError(
+                    f"checkpoint {path}: the fp32 master weight recorded as {name!r} does not round to "
+                    f"the stored {str(stored.dtype).removeprefix('torch.')} copy; the optimizer state does "
+                    "not belong to these weights"
+                )
+            for key in tied.get(name, [name]):
+                out[key] = master.float()
+    return out
+
+
+def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The model's full fp32 state dict from a checkpoint folder (any ZeRO stage): the optimizer's
+    fp32 master weights (under bf16 too), in the plain model's layout (FP8 Transformer Engine
+    experts stacked back, ``_extra_state`` entries dropped)."""
+    from deepsuite.fp8.experts import stack_te_expert_state_dict
 
     tag_dir = path / DS_TAG
     if any(tag_dir.glob("expert_shard_*.pt")):  # expert parallel: EP-aware merge of the ZeRO shards
         from deepsuite.parallel.consolidate import consolidate_state_dict
 
-        return consolidate_state_dict(tag_dir)
+        return stack_te_expert_state_dict(consolidate_state_dict(tag_dir))
     if state["zero_stage"] == 0:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"checkpoint {path} has no model states file in {tag_dir}")
-        sd = safe_torch_load(files[0], map_location="cpu")["module"]
-        return {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
+        return stack_te_expert_state_dict(_zero0_state_dict(path, state, tag_dir))
     from deepsuite.parallel.deepspeed import import_deepspeed
 
     import_deepspeed()
@@ -406,7 +556,7 @@ def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]
 
     # DeepSpeed's consolidation unpickles freely; verify_checkpoint() has already proven every
     # file loads with the weights-only unpickler.
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
+    return stack_te_expert_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
 
 
 def load_model_from_checkpoint(

@@ -11,7 +11,8 @@ replacements with the same forward signature (both subclasses, so ``isinstance``
   weights copied, called with ``m_splits = counts``; token groups are padded to TE's FP8 alignment
   with ``te.Fp8Padding`` / ``te.Fp8Unpadding`` when the installed TE has them. Its parameters are
   ``gate_up.weight{e}`` / ``down.weight{e}``: `to_stacked_state_dict` gives back the stacked layout
-  for checkpoints.
+  of one module, `stack_te_expert_state_dict` that of a whole state dict (checkpoint
+  consolidation), and `te_expert_stack_plan` the key mapping alone.
 
 A module is converted when its name passes ``fp8.exclude`` and D and I are multiples of 16.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import re
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +38,67 @@ if TYPE_CHECKING:
     from deepsuite.fp8 import FP8Context
 
 _ALIGN = 16
+
+# ``<prefix>gate_up.weight{e}`` / ``<prefix>down.weight{e}``: TEGroupedExperts' per-expert weights
+_TE_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.+\.)?)(?P<proj>gate_up|down)\.weight(?P<e>\d+)$")
+_STACKED_NAME = {"gate_up": "gate_up_proj", "down": "down_proj"}
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def is_extra_state_key(key: str) -> bool:
+    """Whether ``key`` is a module's ``get_extra_state`` entry (Transformer Engine's FP8 metadata),
+    which the plain model does not have."""
+    return key == EXTRA_STATE_SUFFIX or key.endswith("." + EXTRA_STATE_SUFFIX)
+
+
+def te_expert_stack_plan(keys: Iterable[str]) -> dict[str, list[str]]:
+    """``{stacked key: [per-expert keys, expert 0 first]}`` for the `TEGroupedExperts` weights in ``keys``.
+
+    ``<prefix>gate_up.weight{e}`` (``[2I, D]`` each) become ``<prefix>gate_up_proj`` ``[E, 2I, D]``
+    and ``<prefix>down.weight{e}`` (``[D, I]``) become ``<prefix>down_proj`` ``[E, D, I]``: the layout
+    of ``GroupedExperts``. A prefix counts only when it has both projections with the same experts
+    ``0 … E-1`` and no stacked key of its own, so an unrelated ``down.weight0`` is left alone.
+    """
+    keys = list(keys)
+    present = set(keys)
+    found: dict[str, dict[str, dict[int, str]]] = {}
+    for key in keys:
+        m = _TE_EXPERT_KEY.match(key)
+        if m:
+            found.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["e"])] = key
+    plan: dict[str, list[str]] = {}
+    for prefix, projs in found.items():
+        if set(projs) != set(_STACKED_NAME):
+            continue
+        experts = {proj: sorted(idx) for proj, idx in projs.items()}
+        n = len(experts["gate_up"])
+        if any(idx != list(range(n)) for idx in experts.values()):
+            continue
+        stacked = {proj: prefix + name for proj, name in _STACKED_NAME.items()}
+        if any(name in present for name in stacked.values()):
+            continue
+        for proj, name in stacked.items():
+            plan[name] = [projs[proj][e] for e in range(n)]
+    return plan
+
+
+def stack_te_expert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` in the plain model's layout: `TEGroupedExperts` weights stacked back into
+    ``gate_up_proj`` / ``down_proj`` (see `te_expert_stack_plan`) and every ``_extra_state`` entry
+    dropped. Other entries are kept as they are, in their order; without TE keys it is a copy."""
+    plan = te_expert_stack_plan(state_dict)
+    first_of = {parts[0]: stacked for stacked, parts in plan.items()}
+    consumed = {k for parts in plan.values() for k in parts}
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if is_extra_state_key(key):
+            continue
+        if key in first_of:
+            name = first_of[key]
+            out[name] = torch.stack([state_dict[k] for k in plan[name]])
+        elif key not in consumed:
+            out[key] = value
+    return out
 
 
 def _quantize_per_expert(w: torch.Tensor, recipe: Float8Recipe) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deepsuite.checkpoint.hf_io import (
+    CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointFormatError,
     load_state_dict_strict,
@@ -22,6 +23,7 @@ from deepsuite.checkpoint.hf_io import (
     read_hf_folder,
     write_hf_folder,
 )
+from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import MODEL_FAMILIES
 from deepsuite.models.registry import ModelSpec, family_for_hf_model_type, get_model_spec
 
@@ -62,20 +64,61 @@ def load_hf(
     """Load an HF model folder (config.json + safetensors) as a deepsuite model.
 
     ``dtype=None`` keeps deepsuite's float32 parameters; pass e.g. ``torch.bfloat16`` to cast.
-    Missing or unexpected weights raise `CheckpointFormatError` naming them.
+    The model is returned in eval mode (dropout off), as transformers' ``from_pretrained`` does; call
+    ``model.train()`` to train it. Missing or unexpected weights, a config.json that lacks a key the
+    family needs and corrupt files raise `CheckpointFormatError` naming them.
     """
     config, tensors = read_hf_folder(path)
+    config_file = Path(path) / CONFIG_FILE
     if "model_type" not in config:
-        raise CheckpointFormatError(f"{Path(path) / 'config.json'} has no model_type")
-    spec = family_for_hf_model_type(config["model_type"])
+        raise CheckpointFormatError(f"{config_file} has no model_type")
+    spec = family_for_hf_model_type(str(config["model_type"]))
     adapter = spec.adapter()
-    args = adapter.config_from_hf(config)
-    state_dict = adapter.state_dict_from_hf(tensors, args)
+    try:
+        args = adapter.config_from_hf(config)
+    except (ConfigError, CheckpointFormatError):
+        raise
+    except KeyError as exc:
+        raise CheckpointFormatError(
+            f"{config_file} lacks {_key_of(exc, 'the key {!r}')}, which a {config['model_type']} config needs; add it "
+            "(the model's original config.json has it)"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointFormatError(
+            f"{config_file} has a value of the wrong type or form ({_one_line(exc)}); fix it"
+        ) from None
+    try:
+        state_dict = adapter.state_dict_from_hf(tensors, args)
+    except (ConfigError, CheckpointFormatError):
+        raise
+    except (KeyError, RuntimeError) as exc:
+        what = (
+            _key_of(exc, "a weight (or weight part) {!r} is missing")
+            if isinstance(exc, KeyError)
+            else _one_line(exc)
+        )
+        raise CheckpointFormatError(
+            f"the safetensors of {path} do not fit the {spec.name} model its config.json describes: {what}; "
+            "check that the weights are complete and come from the model of that config.json (remove foreign "
+            "tensors)"
+        ) from None
     with torch.device("meta"):
         model = spec.model_cls(args)
     model = materialize(model, device, dtype)
     load_state_dict_strict(model, state_dict, source=str(path))
-    return model
+    return model.eval()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _key_of(exc: KeyError, bare: str) -> str:
+    """A KeyError's message: its own sentence, or ``bare`` formatted with the key it was raised for."""
+    detail = exc.args[0] if exc.args else ""
+    if isinstance(detail, str) and " " in detail:
+        return detail
+    return bare.format(detail)
 
 
 def save_hf(

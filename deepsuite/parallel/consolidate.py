@@ -92,7 +92,19 @@ def consolidate_state_dict(
         return _consolidate_ep_zero12(tag_dir, ep)
     if stage == 0:
         states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        return _fp32(_load(states[0])["module"])
+        module = _load(states[0])["module"]
+        if any(
+            isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16)
+            for v in module.values()
+        ):
+            # the fp32 masters are unnamed lists in the optimizer state; deepsuite's checkpoint
+            # folder records their names (state.json), a bare DeepSpeed folder does not
+            raise NotImplementedError(
+                f"{tag_dir}: a ZeRO-0 checkpoint of a bf16/fp16 run; its fp32 master weights are only named in "
+                "deepsuite's checkpoint folder: use `deepsuite consolidate <run or step_N>` "
+                "(deepsuite.checkpoint.manager.consolidated_state_dict)"
+            )
+        return _fp32(module)
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

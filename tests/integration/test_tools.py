@@ -321,3 +321,160 @@ def test_plot_metrics_of_two_runs_writes_a_png(runs: dict[str, Path], tmp_path: 
     assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])  # IHDR's checksum
     assert width >= 1000 and height >= 300  # three or four panels side by side
     assert len(data) > 20_000  # lines, labels and legends, not an empty canvas
+
+
+# ------------------------------------------------------------------------------- convert: bad input
+
+
+def _tiny_folders(root: Path) -> dict[str, Path]:
+    """A GPT deepsuite folder, a GPT HF folder (sharded) and a DeepSeek-V3 HF folder of tiny random models."""
+    from deepsuite.models.deepseek_v3.config import DeepSeekV3Config
+    from deepsuite.models.deepseek_v3.model import DeepSeekV3
+    from deepsuite.models.gpt.config import GPTConfig
+    from deepsuite.models.gpt.model import GPT
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2))
+    gpt.init_weights()
+    ds_args = DeepSeekV3Config(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        inter_dim=48,
+        moe_inter_dim=16,
+        q_lora_rank=0,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        first_k_dense_replace=1,
+        mtp_depth=1,
+        max_seq_len=64,
+    )
+    dsv3 = DeepSeekV3(ds_args)
+    dsv3.init_weights()
+    return {
+        "ds": save_model(gpt, root / "ds"),
+        "hf": save_hf(gpt, root / "hf"),
+        "sharded": save_hf(gpt, root / "sharded", max_shard_bytes=20_000),
+        "dsv3": save_hf(dsv3, root / "dsv3"),
+    }
+
+
+def _edit_safetensors(file: Path, edit: Any) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata() or {}
+    edit(tensors, metadata)
+    save_file(tensors, str(file), metadata=metadata)
+
+
+def test_convert_exits_2_with_one_line_on_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each kind of broken SRC: one `error: …` line naming the file, exit 2, no traceback, no DST."""
+    good = _tiny_folders(tmp_path / "good")
+
+    def broken(kind: str, name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(good[kind], out)
+        return out
+
+    trunc = broken("hf", "trunc")
+    with open(trunc / "model.safetensors", "r+b") as f:
+        f.truncate((trunc / "model.safetensors").stat().st_size - 100)
+    idx = broken("sharded", "idx")
+    (idx / "model.safetensors.index.json").write_text("{\n")
+    cfg = broken("hf", "cfg")
+    (cfg / "config.json").write_text("{oops")
+    yml = broken("ds", "yml")
+    (yml / "model.yaml").write_text("name: gpt\nargs: {d_model: 32\n")
+    alias = broken("ds", "alias")
+    _edit_safetensors(
+        alias / "model.safetensors",
+        lambda _t, meta: meta.update({"deepsuite.aliases": json.dumps({"lm_head.weight": "nonexistent"})}),
+    )
+    nokey = broken("dsv3", "nokey")
+    config = json.loads((nokey / "config.json").read_text())
+    del config["kv_lora_rank"]
+    (nokey / "config.json").write_text(json.dumps(config))
+    noup = broken("dsv3", "noup")
+    _edit_safetensors(
+        noup / "model.safetensors", lambda t, _m: t.pop("model.layers.1.mlp.experts.0.up_proj.weight")
+    )
+    unknown = broken("dsv3", "unknown")
+    _edit_safetensors(
+        unknown / "model.safetensors",
+        lambda t, _m: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}),
+    )
+    cases = [
+        ("hf-to-deepsuite", trunc, "trunc/model.safetensors is not a readable safetensors file"),
+        ("hf-to-deepsuite", idx, "idx/model.safetensors.index.json is not valid JSON"),
+        ("hf-to-deepsuite", cfg, "cfg/config.json is not valid JSON"),
+        ("deepsuite-to-hf", yml, "yml/model.yaml is not valid YAML"),
+        (
+            "deepsuite-to-hf",
+            alias,
+            "alias/model.safetensors: its deepsuite.aliases metadata makes 'lm_head.weight'",
+        ),
+        ("hf-to-deepsuite", nokey, "nokey/config.json lacks the key 'kv_lora_rank'"),
+        ("hf-to-deepsuite", noup, "'up_proj' is missing"),
+        ("hf-to-deepsuite", unknown, "unknown DeepSeek-V3 weight 'self_attn.rotary_emb.inv_freq'"),
+    ]
+    capsys.readouterr()
+    for conversion, src, message in cases:
+        assert main(["convert", conversion, str(src), str(tmp_path / "out")]) == 2, src.name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (src.name, err)
+        assert not (tmp_path / "out").exists()
+    # the stand-alone tool: one line, no traceback
+    lines = error_lines(tool("convert_hf.py", "hf-to-deepsuite", str(trunc), str(tmp_path / "out"), expect=2))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors" in lines[0], lines
+
+
+def test_convert_checks_dst_before_loading_src(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _tiny_folders(tmp_path / "good")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    capsys.readouterr()
+    # SRC does not even exist: the DST error must come first (no load was attempted)
+    assert main(["convert", "hf-to-deepsuite", str(tmp_path / "nowhere"), str(dst)]) == 2
+    assert main(["convert", "deepsuite-to-hf", str(tmp_path / "nowhere"), str(a_file)]) == 2
+    assert main(["convert", "zero-to-hf", str(tmp_path / "nowhere"), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "dst exists and is not empty; pass --overwrite" in err[0] and "zero" not in err[0]
+    assert "a_file exists and is not a folder" in err[1]
+    assert "dst exists and is not empty" in err[2]
+    assert (dst / "keep.txt").read_text() == "x"
+    # an empty DST folder is fine, and --overwrite replaces a full one
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "deepsuite-to-hf", str(good["ds"]), str(tmp_path / "empty")]) == 0
+    assert main(["convert", "deepsuite-to-hf", str(good["ds"]), str(dst), "--overwrite"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_inspect_refuses_a_dangling_alias_like_convert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alias = _tiny_folders(tmp_path / "good")["ds"]
+    _edit_safetensors(
+        alias / "model.safetensors",
+        lambda _t, meta: meta.update({"deepsuite.aliases": json.dumps({"lm_head.weight": "nonexistent"})}),
+    )
+    capsys.readouterr()
+    assert main(["inspect", str(alias)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nonexistent" in err[0], err

@@ -199,3 +199,224 @@ def test_strict_load_accepts_one_name_of_a_tied_parameter():
     untied_args = GPTConfig(**{**ARGS.__dict__, "tie_embeddings": False})
     with pytest.raises(CheckpointFormatError, match=r"1 missing \(e\.g\. lm_head\.weight\)"):
         load_state_dict_strict(tiny(untied_args), sd)
+
+
+# ------------------------------------------------------------------- bad input, MTP copies, modes
+
+
+def tiny_deepseek(tie: bool = False, mtp_depth: int = 2):
+    from deepsuite.models.deepseek_v3.config import DeepSeekV3Config
+    from deepsuite.models.deepseek_v3.model import DeepSeekV3
+
+    args = DeepSeekV3Config(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        inter_dim=48,
+        moe_inter_dim=16,
+        q_lora_rank=0,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        first_k_dense_replace=1,
+        mtp_depth=mtp_depth,
+        max_seq_len=64,
+        tie_embeddings=tie,
+    )
+    args.validate()
+    torch.manual_seed(0)
+    model = DeepSeekV3(args)
+    model.init_weights()
+    return model.eval()
+
+
+def _rewrite(file: Path, edit) -> None:
+    """Load the safetensors ``file``, apply ``edit(tensors, metadata)`` and write it back."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata() or {}
+    edit(tensors, metadata)
+    save_file(tensors, str(file), metadata=metadata)
+
+
+def test_corrupt_folders_raise_checkpoint_format_error_naming_the_file(tmp_path: Path):
+    """Truncated safetensors, bad index/config JSON, bad model.yaml and a dangling alias all raise
+    `CheckpointFormatError` (not SafetensorError, JSONDecodeError, YAMLError or KeyError)."""
+    import shutil
+
+    hf, ds, sharded = tmp_path / "hf", tmp_path / "ds", tmp_path / "sharded"
+    save_hf(tiny(), hf)
+    save_model(tiny(), ds)
+    save_hf(tiny(), sharded, max_shard_bytes=20_000)
+
+    def broken(src: Path, name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(src, out)
+        return out
+
+    trunc = broken(hf, "trunc")
+    weights = trunc / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    with pytest.raises(
+        CheckpointFormatError, match=r"trunc/model\.safetensors is not a readable safetensors"
+    ):
+        load_hf(trunc)
+    trunc_ds = broken(ds, "trunc_ds")
+    (trunc_ds / "model.safetensors").write_bytes((ds / "model.safetensors").read_bytes()[:50])
+    with pytest.raises(CheckpointFormatError, match=r"trunc_ds/model\.safetensors is not a readable"):
+        load_model(trunc_ds)
+
+    idx = broken(sharded, "idx")
+    (idx / "model.safetensors.index.json").write_text("{\n")
+    with pytest.raises(CheckpointFormatError, match=r"idx/model\.safetensors\.index\.json is not valid JSON"):
+        load_hf(idx)
+    (idx / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(CheckpointFormatError, match="no 'weight_map'"):
+        load_hf(idx)
+
+    cfg = broken(hf, "cfg")
+    (cfg / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointFormatError, match=r"cfg/config\.json is not valid JSON"):
+        load_hf(cfg)
+
+    yml = broken(ds, "yml")
+    (yml / "model.yaml").write_text("name: gpt\nargs: {d_model: 32\n")
+    with pytest.raises(CheckpointFormatError, match=r"yml/model\.yaml is not valid YAML"):
+        load_model(yml)
+
+    for src, load in ((ds, load_model), (hf, load_hf)):
+        alias = broken(src, f"alias_{load.__name__}")
+        _rewrite(
+            alias / "model.safetensors",
+            lambda _t, meta: meta.update(
+                {"deepsuite.aliases": json.dumps({"lm_head.weight": "nonexistent"})}
+            ),
+        )
+        with pytest.raises(CheckpointFormatError, match=r"'lm_head\.weight' an alias of 'nonexistent'"):
+            load(alias)
+        with pytest.raises(CheckpointFormatError, match="alias"):
+            hf_io.read_safetensors(alias)
+
+
+def test_bad_deepseek_folders_raise_checkpoint_format_error(tmp_path: Path):
+    """A config.json lacking a required key, an expert without up_proj and an unknown weight name are
+    `CheckpointFormatError`s naming the folder (not KeyErrors from the adapter)."""
+    import shutil
+
+    good = tmp_path / "good"
+    save_hf(tiny_deepseek(mtp_depth=0), good)
+
+    def broken(name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(good, out)
+        return out
+
+    cfg = broken("cfg")
+    config = json.loads((cfg / "config.json").read_text())
+    del config["kv_lora_rank"]
+    (cfg / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=r"cfg/config\.json lacks the key 'kv_lora_rank'"):
+        load_hf(cfg)
+
+    miss = broken("miss")
+    _rewrite(miss / "model.safetensors", lambda t, _m: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
+    with pytest.raises(
+        CheckpointFormatError, match=r"miss do not fit the deepseek_v3 model.*'up_proj' is missing"
+    ):
+        load_hf(miss)
+
+    unk = broken("unk")
+    _rewrite(
+        unk / "model.safetensors", lambda t, _m: t.update({"model.layers.0.self_attn.extra": torch.zeros(2)})
+    )
+    with pytest.raises(
+        CheckpointFormatError, match=r"unk do not fit .*unknown DeepSeek-V3 weight 'self_attn\.extra'"
+    ):
+        load_hf(unk)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_mtp_embedding_and_head_copies_are_real_tensors_on_disk(tmp_path: Path, tie: bool):
+    """DeepSeek's MTP layers repeat the embedding and head; a plain safetensors reader (vLLM, DeepSeek's
+    inference code) must find them by name through the index, and loading ignores them again."""
+    from safetensors import safe_open
+
+    model = tiny_deepseek(tie=tie)
+    folder = save_hf(model, tmp_path / "hf", max_shard_bytes=30_000)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    head = model.embed.weight if tie else model.lm_head.weight
+    for k in range(model.args.mtp_depth):
+        layer = model.args.n_layers + k
+        for name, expected in (
+            ("embed_tokens.weight", model.embed.weight),
+            ("shared_head.head.weight", head),
+        ):
+            key = f"model.layers.{layer}.{name}"
+            assert key in weight_map, key
+            with safe_open(str(folder / weight_map[key]), "pt") as f:
+                assert key in set(f.keys()), key  # a real tensor, not only a deepsuite alias
+                assert torch.equal(f.get_tensor(key), expected.detach()), key
+    loaded = load_hf(folder)
+    assert loaded.args.mtp_depth == model.args.mtp_depth
+    assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie
+
+
+def test_loaded_models_are_in_eval_mode(tmp_path: Path):
+    """load_model and load_hf return models with dropout off, as transformers' from_pretrained does."""
+    args = GPTConfig(**{**ARGS.__dict__, "dropout": 0.5})
+    save_model(tiny(args), tmp_path / "ds")
+    save_hf(tiny(args), tmp_path / "hf")
+    for model in (load_model(tmp_path / "ds"), load_hf(tmp_path / "hf")):
+        assert not any(m.training for m in model.modules()), type(model).__name__
+        ids = torch.randint(0, 64, (1, 8))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), model(ids), atol=0, rtol=0)  # deterministic
+
+
+def test_atomic_dir_sets_mode_from_umask_and_fsyncs_before_the_rename(tmp_path: Path, monkeypatch):
+    import os
+    import stat
+
+    from deepsuite.checkpoint import manager
+
+    synced: list[tuple[str, Path, bool]] = []
+    real_file, real_dir = manager._fsync_file, manager._fsync_dir
+
+    def record(kind, real):
+        def fsync(path):
+            synced.append((kind, Path(path), (tmp_path / "out").exists()))
+            real(path)
+
+        return fsync
+
+    monkeypatch.setattr(manager, "_fsync_file", record("file", real_file))
+    monkeypatch.setattr(manager, "_fsync_dir", record("dir", real_dir))
+    old = os.umask(0o027)
+    try:
+        save_hf(tiny(), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    before_rename = [(kind, p.name) for kind, p, renamed in synced if not renamed]
+    assert ("file", "model.safetensors") in before_rename and ("file", "config.json") in before_rename
+    assert any(kind == "dir" and name.startswith(".out.tmp-") for kind, name in before_rename)
+    assert ("dir", tmp_path) in [(kind, p) for kind, p, renamed in synced if renamed]  # the rename itself
+    old = os.umask(0o022)
+    try:
+        save_model(tiny(), tmp_path / "ds")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ds").stat().st_mode) == 0o755

@@ -243,12 +243,15 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], args: DeepSeekV3Config) -> dic
                 raise KeyError(f"no HF name for MTP parameter {key!r}")
         else:
             raise KeyError(f"no HF name for parameter {key!r}")
-    # DeepSeek's checkpoints repeat the shared embedding and head inside each MTP layer
+    # DeepSeek's checkpoints repeat the shared embedding and head inside each MTP layer. They are
+    # copies with storage of their own, so that the writer stores them as real tensors (readers other
+    # than deepsuite, e.g. vLLM, look them up by name); `state_dict_from_hf` skips them again, the
+    # MTP modules use the model's one embedding and head.
     embed = sd["embed.weight"]
     head = sd["embed.weight"] if args.tie_embeddings else sd["lm_head.weight"]
     for k in sorted({int(key.split(".")[1]) for key in sd if key.startswith("mtp.")}):
-        out[f"model.layers.{n + k}.embed_tokens.weight"] = embed
-        out[f"model.layers.{n + k}.shared_head.head.weight"] = head
+        out[f"model.layers.{n + k}.embed_tokens.weight"] = embed.detach().clone()
+        out[f"model.layers.{n + k}.shared_head.head.weight"] = head.detach().clone()
     return out
 
 
