@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from pathlib import Path
@@ -194,6 +195,14 @@ def resolve_model_args(model: ModelConfig) -> Any:
     base = dataclasses.asdict(flavors[model.flavor])
     base.update(model.args)
     args = build_dataclass(module.ARGS_CLASS, base, "model")
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            default = getattr(flavors[model.flavor], f.name)
+            raise ConfigError(
+                f"model.{f.name}={value} must be a finite number, e.g. model.{f.name}={default} "
+                f"(the {model.flavor} value)"
+            )
     args.validate()
     return args
 
@@ -250,10 +259,68 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def _positive(key: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
+def _example(key: str) -> str:
+    """`; e.g. KEY=<schema default>` for a `section.field` key (empty when there is no default)."""
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        return ""
+    default = getattr(cls(), name)
+    if isinstance(default, (list, dict)) or default in (None, ""):
+        return ""
+    return f", e.g. {key}={default} (the default)"
+
+
+def _positive(key: str, value: float, strict: bool = True, hint: str = "") -> None:
+    """Raise a `ConfigError` unless `value` is a finite number > 0 (`strict`) or >= 0."""
+    if not math.isfinite(value) or ((value <= 0) if strict else (value < 0)):
         kind = "> 0" if strict else ">= 0"
-        raise ConfigError(f"{key}={value} must be {kind}")
+        finite = " and finite" if isinstance(value, float) else ""
+        raise ConfigError(f"{key}={value} must be {kind}{finite}{hint or _example(key)}")
+
+
+def _fraction(
+    key: str, value: float, low: float, high: float, high_open: bool = False, hint: str = ""
+) -> None:
+    """Raise a `ConfigError` unless `low <= value <= high` (`< high` when `high_open`); NaN is refused."""
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:  # NaN fails every comparison
+        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value} must be in {interval}{hint or _example(key)}")
+
+
+def _check_finite(cfg: Config) -> None:
+    """Refuse NaN and infinity in every float field (and list of floats) of every section."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp, value = hints[f.name], getattr(obj, f.name)
+            values = value if get_origin(tp) is list and isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(
+                        f"{section}.{f.name}={value} must be a finite number{_example(f'{section}.{f.name}')}"
+                    )
+
+
+# Batch keys DeepSpeed must take from `training.*`: the training loop, the sampler and the LR
+# schedule are driven by deepsuite's own layout, so a different value here would desynchronise them.
+DEEPSPEED_BATCH_KEYS: dict[str, str] = {
+    "train_batch_size": "training.global_batch_size",
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps (0 derives it)",
+}
+
+
+def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
+    """Refuse raw `parallel.deepspeed` keys that deepsuite derives itself (the batch layout)."""
+    for key, ours in DEEPSPEED_BATCH_KEYS.items():
+        if key in raw:
+            raise ConfigError(
+                f"parallel.deepspeed.{key}={raw[key]!r} is not allowed: deepsuite derives it from training.* "
+                f"and its training loop would no longer match DeepSpeed; remove it and set {ours} instead"
+            )
 
 
 def validate(cfg: Config) -> None:
@@ -265,11 +332,18 @@ def validate(cfg: Config) -> None:
     _positive("training.global_batch_size", t.global_batch_size)
     _positive("training.micro_batch_size", t.micro_batch_size)
     _positive("training.gradient_accumulation_steps", t.gradient_accumulation_steps, strict=False)
-    _positive("training.grad_clip", t.grad_clip, strict=False)
+    _positive(
+        "training.grad_clip",
+        t.grad_clip,
+        strict=False,
+        hint="; 0 turns clipping off, e.g. training.grad_clip=1.0",
+    )
     _positive("training.eval_every", t.eval_every, strict=False)
     _positive("training.eval_batches", t.eval_batches)
     _positive("training.sample_tokens", t.sample_tokens, strict=False)
     _positive("training.router_bias_update_rate", t.router_bias_update_rate, strict=False)
+    _positive("training.mtp_lambda", t.mtp_lambda, strict=False)
+    _positive("training.mtp_lambda_after", t.mtp_lambda_after, strict=False)
     _positive("training.max_steps_per_run", t.max_steps_per_run, strict=False)
     per_step = t.micro_batch_size * max(t.gradient_accumulation_steps, 1)
     if t.global_batch_size % per_step:
@@ -277,17 +351,21 @@ def validate(cfg: Config) -> None:
             f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size × "
             f"gradient_accumulation_steps = {per_step}; make the global batch a multiple of {per_step}"
         )
-    if not 0.0 <= t.mtp_lambda_switch <= 1.0:
-        raise ConfigError(f"training.mtp_lambda_switch={t.mtp_lambda_switch} must be a fraction in [0, 1]")
+    _fraction("training.mtp_lambda_switch", t.mtp_lambda_switch, 0.0, 1.0, hint="; 1.0 = never switch")
     o = cfg.optim
     _positive("optim.lr", o.lr)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    _positive("optim.eps", o.eps)
+    _positive(
+        "optim.weight_decay",
+        o.weight_decay,
+        strict=False,
+        hint="; 0 turns it off, e.g. optim.weight_decay=0.1",
+    )
     s = cfg.schedule
     _positive("schedule.warmup_steps", s.warmup_steps, strict=False)
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    _fraction("schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
     d = cfg.data
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1), e.g. 0.05")
@@ -305,6 +383,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.offload_params=true needs parallel.zero_stage=3")
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+    check_deepspeed_passthrough(p.deepspeed)
     args = resolve_model_args(cfg.model)
     n_experts = getattr(args, "n_routed_experts", 0)
     if p.ep_size > 1 and (not n_experts or n_experts % p.ep_size):
@@ -319,8 +398,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.resume is empty; use auto, never or a checkpoint path")
     lc = cfg.loss
     _positive("loss.chunk_size", lc.chunk_size)
-    if not 0.0 <= lc.label_smoothing < 1.0:
-        raise ConfigError(f"loss.label_smoothing={lc.label_smoothing} must be in [0, 1)")
+    _fraction("loss.label_smoothing", lc.label_smoothing, 0.0, 1.0, high_open=True)
     _positive("logging.log_every", cfg.logging.log_every)
     max_pos = getattr(args, "max_seq_len", None)
     if max_pos is not None and t.seq_len > max_pos:
@@ -328,3 +406,4 @@ def validate(cfg: Config) -> None:
             f"training.seq_len={t.seq_len} exceeds the model's max_seq_len={max_pos}; "
             f"lower training.seq_len or set model.max_seq_len={t.seq_len}"
         )
+    _check_finite(cfg)  # every other float field

@@ -64,16 +64,16 @@ class OptimConfig:
     """Optimizer; torch's AdamW (no JIT-built kernel needed)."""
 
     lr: float = 3e-3
-    """Peak learning rate."""
+    """Peak learning rate (a finite number > 0)."""
 
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam beta1, beta2."""
 
     eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (> 0)."""
 
     weight_decay: float = 0.1
-    """Decoupled weight decay (not applied to norms, biases, embeddings or router biases)."""
+    """Decoupled weight decay (>= 0; not applied to norms, biases, embeddings or router biases)."""
 
     fused: bool = False
     """Use torch's fused AdamW kernel (CUDA only)."""
@@ -84,13 +84,13 @@ class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then decay (torch.optim.lr_scheduler)."""
 
     warmup_steps: int = 20
-    """Steps of linear warmup from 0 to the peak learning rate."""
+    """Steps of linear warmup: step s (0-based) uses (s + 1) / warmup_steps of the peak learning rate."""
 
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the decay after warmup."""
 
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
+    """Learning rate of the last step (`training.steps` - 1) as a fraction of the peak."""
 
 
 @dataclass
@@ -131,7 +131,7 @@ class TrainingConfig:
     """γ of aux-loss-free balancing: after each step `bias += γ·sign(mean_load − load)`; 0 turns it off."""
 
     mtp_lambda: float = 0.3
-    """Weight λ of the multi-token-prediction loss."""
+    """Weight λ of the multi-token-prediction loss (>= 0)."""
 
     mtp_lambda_after: float = 0.1
     """λ used after `mtp_lambda_switch` of the steps (DeepSeek-V3: 0.3, then 0.1)."""
@@ -190,7 +190,7 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
 
     deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config keys merged over the generated config (for what deepsuite does not model)."""
+    """Raw DeepSpeed config keys merged over the generated config (for what deepsuite does not model); the batch keys `train_batch_size`, `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps` are refused: set `training.*` instead."""
 
 
 @dataclass

@@ -3,12 +3,16 @@
 A training sample is a contiguous window of `seq_len + 1` tokens of the train stream; inputs are
 `w[:-1]`, labels `w[1:]` (aligned targets). Each epoch visits `n_windows` windows starting at
 `offset + i·seq_len` in an order drawn from `(seed, epoch)`, with a per-epoch random `offset` in
-[0, seq_len). The sampler's whole state is `{"epoch", "index"}`: the position of the next *global*
-sample, so it does not depend on how a global batch is split into ranks and micro-batches.
+[0, seq_len). The sampler's position is `{"epoch", "index"}`: the next *global* sample, so it does
+not depend on how a global batch is split into ranks and micro-batches. Its state also records
+`seq_len`, `seed` and a fingerprint of the train split, so that resuming with another window
+order is refused instead of silently reading another sample sequence.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -37,12 +41,57 @@ class WindowSampler:
         self._perm = np.empty(0, dtype=np.int64)
         self._offset = 0
 
-    def state_dict(self) -> dict[str, int]:
-        """Position of the next global sample."""
-        return {"epoch": self.epoch, "index": self.index}
+    def data_fingerprint(self) -> str:
+        """A short hash of what the window order is drawn over: the split's token count, its shard
+        files (names and token counts) and the vocabulary size, from meta.json (cheap, no reads)."""
+        split = self.shards.meta["splits"][self.shards.split]
+        ident = {
+            "split": self.shards.split,
+            "tokens": len(self.shards),
+            "shards": [[sh["file"], int(sh["tokens"])] for sh in split["shards"]],
+            "vocab_size": self.shards.vocab_size,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the next global sample, and what that position is relative to: `seq_len`,
+        `seed`, the split's token count and `data_fingerprint()` (checked by `load_state_dict`)."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "tokens": len(self.shards),
+            "data": self.data_fingerprint(),
+        }
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise a `DataError` when `state` was saved with another training.seq_len, data.seed or
+        data folder: its position would then index another window order. Fields missing from
+        older checkpoints are not checked."""
+        fix = "resume with the original value, or start fresh with checkpoint.resume=never (or another checkpoint.dir)"
+        if "seq_len" in state and int(state["seq_len"]) != self.seq_len:
+            raise DataError(
+                f"the checkpoint was trained with training.seq_len={int(state['seq_len'])} but the config has "
+                f"training.seq_len={self.seq_len}; its data position only fits its own windows: {fix}"
+            )
+        if "seed" in state and int(state["seed"]) != self.seed:
+            raise DataError(
+                f"the checkpoint was trained with data.seed={int(state['seed'])} but the config has "
+                f"data.seed={self.seed}; its data position only fits its own sample order: {fix}"
+            )
+        if "data" in state and state["data"] != self.data_fingerprint():
+            saved = f"{int(state['tokens']):,} train tokens" if "tokens" in state else "other shards"
+            raise DataError(
+                f"the checkpoint was trained on other data ({saved}, fingerprint {state['data']}) than "
+                f"data.out_dir={str(self.shards.dir)!r} ({len(self.shards):,} train tokens, fingerprint "
+                f"{self.data_fingerprint()}); point data.out_dir at the original data, or start fresh with "
+                "checkpoint.resume=never (or another checkpoint.dir)"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict()`."""
+        """Continue from a `state_dict()` (after `check_state`)."""
+        self.check_state(state)
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.n_windows:
             raise DataError(

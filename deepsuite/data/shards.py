@@ -39,7 +39,37 @@ def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path}: corrupt ({exc}); run `deepsuite prepare-data` again") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise DataError(f"{path}: unknown format; run `deepsuite prepare-data` again")
+    _check_meta(path, meta)
     return meta
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Raise a `DataError` naming the first missing or malformed key of a meta.json."""
+    fix = "the file is incomplete or was edited; rebuild the folder with `deepsuite prepare-data --config FILE --force`"
+
+    def bad(key: str, problem: str) -> DataError:
+        return DataError(f"{path}: key '{key}' is {problem}; {fix}")
+
+    for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str), ("splits", dict)):
+        if key not in meta:
+            raise bad(key, "missing")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise bad(key, f"malformed (not {'an' if kind is int else 'a'} {kind.__name__})")
+    try:
+        np.dtype(meta["dtype"])
+    except TypeError:
+        raise bad("dtype", f"not a numpy dtype ({meta['dtype']!r})") from None
+    for name, split in meta["splits"].items():
+        where = f"splits.{name}"
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"{where}.shards", "missing or malformed")
+        if not isinstance(split.get("tokens"), int):
+            raise bad(f"{where}.tokens", "missing or malformed")
+        for i, shard in enumerate(split["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+                raise bad(f"{where}.shards[{i}].file", "missing or malformed")
+            if not isinstance(shard.get("tokens"), int):
+                raise bad(f"{where}.shards[{i}].tokens", "missing or malformed")
 
 
 class TokenShards:

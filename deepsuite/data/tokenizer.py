@@ -8,6 +8,7 @@ the learned pieces (newlines included) become byte pieces `<0x..>` instead of `<
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -119,12 +120,36 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1]
-        if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise DataError(
-                f"data.vocab_size={vocab_size} is too large for this corpus ({msg}); lower data.vocab_size"
-            ) from None
-        raise DataError(f"tokenizer training failed: {msg}") from None
+        raise vocab_size_error(str(exc).strip().splitlines()[-1], vocab_size) from None
     path = prefix.with_suffix(".model")
     path.write_bytes(model.getvalue())
     return path
+
+
+def vocab_size_error(msg: str, vocab_size: int) -> DataError:
+    """The `DataError` for SentencePiece's training error `msg`, with advice in the right direction.
+
+    SentencePiece fails both when the vocabulary cannot even hold the corpus's characters plus the
+    byte and special pieces ("Vocabulary size is smaller than required_chars. 260 vs 283.") and when
+    the corpus cannot yield that many pieces ("Vocabulary size too high (5000). Please set it to a
+    value <= 408.").
+    """
+    small = re.search(r"smaller than required_chars\D*(\d+)\s*vs\s*(\d+)", msg)
+    if small:
+        need = int(small.group(2))
+        return DataError(
+            f"data.vocab_size={vocab_size} is too small for this corpus: its characters plus the byte and "
+            f"special pieces need at least {need}; raise data.vocab_size to >= {need}"
+        )
+    large = re.search(r"too high.*?<=\s*(\d+)", msg)
+    if large:
+        most = int(large.group(1))
+        return DataError(
+            f"data.vocab_size={vocab_size} is too large for this corpus: it yields at most {most} pieces; "
+            f"lower data.vocab_size to <= {most} or use a larger corpus"
+        )
+    if "Vocabulary size" in msg or "vocab_size" in msg:
+        return DataError(
+            f"data.vocab_size={vocab_size} does not suit this corpus ({msg}); change data.vocab_size"
+        )
+    return DataError(f"tokenizer training failed: {msg}")

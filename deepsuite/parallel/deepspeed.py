@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deepsuite.config.errors import ConfigError
+from deepsuite.config.loader import check_deepspeed_passthrough
 from deepsuite.config.schema import Config, TrainingConfig
 from deepsuite.parallel.dist import ParallelDims
 
@@ -74,7 +75,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_ds_config(cfg: Config, dims: ParallelDims) -> dict[str, Any]:
-    """The DeepSpeed config dict for `cfg` on `dims` (raw `parallel.deepspeed` keys merged last)."""
+    """The DeepSpeed config dict for `cfg` on `dims` (raw `parallel.deepspeed` keys merged last).
+
+    Raw keys of the batch layout (`train_batch_size`, `train_micro_batch_size_per_gpu`,
+    `gradient_accumulation_steps`) raise a `ConfigError`: they come from `training.*` only.
+    """
     layout = resolve_batch(cfg.training, dims.dp_size)
     p = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -98,14 +103,9 @@ def build_ds_config(cfg: Config, dims: ParallelDims) -> dict[str, Any]:
         # a torch optimizer (AdamW) under ZeRO: deepsuite tests this combination itself
         "zero_allow_untested_optimizer": True,
     }
-    ds = _merge(ds, p.deepspeed)
-    total = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dims.dp_size
-    if ds["train_batch_size"] != total:
-        raise ConfigError(
-            f"parallel.deepspeed overrides give train_batch_size={ds['train_batch_size']} but micro × accumulation × "
-            f"ranks = {total}; set the batch sizes in training.* instead"
-        )
-    return ds
+    # the batch layout drives our sampler, loop and schedule: raw overrides of it are refused
+    check_deepspeed_passthrough(p.deepspeed)
+    return _merge(ds, p.deepspeed)
 
 
 def import_deepspeed() -> Any:

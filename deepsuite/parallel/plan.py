@@ -259,6 +259,11 @@ def all_to_all_bytes(counts: ParamCounts, inp: PlanInput) -> int:
 
 def plan(model_cfg: ModelConfig, inp: PlanInput, counts: ParamCounts | None = None) -> MemoryPlan:
     """The per-GPU memory plan of ``model_cfg`` under ``inp``; raises `ConfigError` on a bad layout."""
+    for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len", "grad_accum"):
+        if getattr(inp, name) < 1:
+            raise ConfigError(f"{name}={getattr(inp, name)} must be >= 1")
+    if not (math.isfinite(inp.gpu_mem_gb) and inp.gpu_mem_gb > 0):
+        raise ConfigError(f"gpu_mem_gb={inp.gpu_mem_gb} must be a finite number > 0")
     if inp.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={inp.zero_stage} must be 0, 1, 2 or 3")
     if inp.dtype not in ("bf16", "fp32"):
@@ -455,8 +460,26 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
 
 
+def check_plan_arguments(ns: argparse.Namespace) -> None:
+    """Raise one `ConfigError` naming the option for a count < 1 or a GPU memory that is not a finite
+    number > 0 (they would divide by zero or print a meaningless FITS)."""
+    for option in ("nodes", "gpus_per_node", "ep", "micro_batch", "seq_len", "grad_accum"):
+        value = getattr(ns, option, None)
+        if value is not None and value < 1:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag}={value} must be >= 1; pass a positive whole number")
+    if ns.zero is not None and ns.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero={ns.zero} must be a ZeRO stage: 0, 1, 2 or 3")
+    if not (math.isfinite(ns.gpu_mem) and ns.gpu_mem > 0):
+        raise ConfigError(f"--gpu-mem={ns.gpu_mem} must be a finite number of GiB > 0, e.g. --gpu-mem 80")
+
+
 def plan_main(ns: argparse.Namespace) -> int:
-    """Entry point of ``deepsuite plan``: print the table (and fixes when it does not fit); returns 0."""
+    """Entry point of ``deepsuite plan``: print the table (and fixes when it does not fit); returns 0.
+
+    Bad numeric options raise a `ConfigError` (the CLI prints one ``error:`` line, exit 2).
+    """
+    check_plan_arguments(ns)
     cfg = None
     if getattr(ns, "config", None):
         from deepsuite.config.loader import load_config

@@ -1,16 +1,23 @@
-"""Metrics: `metrics.jsonl` in the run folder (one JSON object per line) and wandb when enabled."""
+"""Metrics: `metrics.jsonl` in the run folder (one JSON object per line) and wandb when enabled.
+
+The wandb run id is kept in `run_dir/wandb_run_id`; a resumed run passes it to `wandb.init` with
+`resume="allow"`, so its metrics continue the same wandb run instead of starting a new one.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from deepsuite.config.schema import Config, LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+"""File in `logging.run_dir` holding the wandb run id, so that a resumed run continues the same wandb run."""
 
 
 def _clean(value: Any) -> Any:
@@ -36,7 +43,7 @@ class MetricsLogger:
         else:
             self._truncate_after(resume_step)
         if cfg.logging.wandb:
-            self.wandb = _init_wandb(cfg.logging, cfg)
+            self.wandb = _init_wandb(cfg.logging, cfg, resume=resume_step is not None)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (logged by a run that was stopped before its next checkpoint)."""
@@ -71,7 +78,25 @@ class MetricsLogger:
             self.wandb = None
 
 
-def _init_wandb(log_cfg: LoggingConfig, cfg: Config) -> Any:
+def wandb_run_id(run_dir: str | os.PathLike[str], resume: bool) -> str:
+    """The wandb run id of `run_dir`: the stored one when resuming, else a new one (stored).
+
+    A fresh run (or a resumed one whose folder holds no id yet) draws a new id and writes it to
+    `run_dir/wandb_run_id`; a resumed run reads it back, so wandb continues the same run.
+    """
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resume and path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            return stored
+    run_id = uuid.uuid4().hex[:12]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return run_id
+
+
+def _init_wandb(log_cfg: LoggingConfig, cfg: Config, resume: bool = False) -> Any:
     try:
         import wandb
     except ImportError:
@@ -84,4 +109,6 @@ def _init_wandb(log_cfg: LoggingConfig, cfg: Config) -> Any:
         mode=log_cfg.wandb_mode,
         dir=log_cfg.run_dir,
         config=config_to_dict(cfg),
+        id=wandb_run_id(log_cfg.run_dir, resume),
+        resume="allow",
     )

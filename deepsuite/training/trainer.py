@@ -142,6 +142,7 @@ class Trainer:
         if self.resume_from is not None:
             state = verify_checkpoint(self.resume_from)
             check_compatible(state, cfg, self.resume_from, self.dims.world_size)
+            self.sampler.check_state(state.get("sampler", {}))  # same windows, before the engine is built
 
         if self.dims.is_main:
             check_writable(self.ckpt_dir)
@@ -576,6 +577,9 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     finally:
         bar.close()
         logger.close()
+        from deepsuite.parallel.dist import restore_torch_linear
+
+        restore_torch_linear()  # ZeRO-3 replaced torch.nn.functional.linear process-wide
     return result
 
 

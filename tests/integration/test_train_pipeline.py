@@ -79,7 +79,14 @@ def test_checkpoint_layout_and_rotation(straight: tuple[Path, TrainResult]) -> N
     ckpt = run_dir / "step_6"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 16
-    assert state["sampler"] == {"epoch": 0, "index": 24}
+    sampler = state["sampler"]
+    assert {k: sampler[k] for k in ("epoch", "index", "seq_len", "seed")} == {
+        "epoch": 0,
+        "index": 24,
+        "seq_len": 16,
+        "seed": 1234,
+    }
+    assert sampler["tokens"] > 0 and sampler["data"]
     assert state["model"]["args"]["d_model"] == 32
     for rel, size in state["files"].items():
         assert (ckpt / rel).stat().st_size == size

@@ -174,7 +174,99 @@ def test_deepspeed_config_translation() -> None:
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] > 10**9
 
 
-def test_raw_deepspeed_batch_override_must_agree() -> None:
-    cfg = load_config(None, ["parallel.deepspeed={train_batch_size: 3}"])
-    with pytest.raises(ConfigError, match=r"train_batch_size=3"):
+@pytest.mark.parametrize(
+    ("key", "ours"),
+    [
+        ("train_batch_size", "training.global_batch_size"),
+        ("train_micro_batch_size_per_gpu", "training.micro_batch_size"),
+        ("gradient_accumulation_steps", "training.gradient_accumulation_steps"),
+    ],
+)
+def test_raw_deepspeed_batch_keys_are_refused(key: str, ours: str) -> None:
+    """A raw batch key would make DeepSpeed's batch differ from the loop's and the sampler's."""
+    with pytest.raises(ConfigError, match=rf"parallel.deepspeed.{key}=3 is not allowed.*set {ours}"):
+        load_config(None, [f"parallel.deepspeed={{{key}: 3}}"])
+    # a config built without load_config (no validation) is refused where the dict is built
+    cfg = load_config(None, [])
+    cfg.parallel.deepspeed = {key: 3}
+    with pytest.raises(ConfigError, match=rf"parallel.deepspeed.{key}=3"):
         build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=nan", r"optim.lr=nan must be > 0 and finite, e.g. optim.lr="),
+        ("optim.lr=.inf", r"optim.lr=inf must be > 0 and finite"),
+        ("optim.lr=0", r"optim.lr=0.0 must be > 0"),
+        ("optim.eps=-1", r"optim.eps=-1.0 must be > 0 and finite, e.g. optim.eps=1e-08"),
+        ("optim.eps=0", r"optim.eps=0.0 must be > 0"),
+        ("optim.weight_decay=.nan", r"optim.weight_decay=nan must be >= 0 and finite"),
+        ("optim.betas=[0.9, .nan]", r"optim.betas=\[0.9, nan\] must be two numbers in \[0, 1\)"),
+        ("training.grad_clip=.nan", r"training.grad_clip=nan must be >= 0 and finite; 0 turns clipping off"),
+        ("training.grad_clip=.inf", r"training.grad_clip=inf must be >= 0 and finite"),
+        ("training.grad_clip=-1", r"training.grad_clip=-1.0 must be >= 0"),
+        ("training.mtp_lambda=.nan", r"training.mtp_lambda=nan must be >= 0 and finite"),
+        ("training.mtp_lambda_after=-0.1", r"training.mtp_lambda_after=-0.1 must be >= 0"),
+        ("training.mtp_lambda_switch=.nan", r"training.mtp_lambda_switch=nan must be in \[0, 1\]"),
+        (
+            "training.router_bias_update_rate=.nan",
+            r"training.router_bias_update_rate=nan must be >= 0 and finite",
+        ),
+        ("schedule.min_lr_ratio=.nan", r"schedule.min_lr_ratio=nan must be in \[0, 1\]"),
+        ("loss.label_smoothing=.nan", r"loss.label_smoothing=nan must be in \[0, 1\)"),
+        ("data.val_fraction=.nan", r"data.val_fraction=nan must be in \(0, 1\)"),
+        ("model.dropout=.nan", r"model.dropout=nan must be a finite number, e.g. model.dropout=0.0"),
+        ("model.init_std=.inf", r"model.init_std=inf must be a finite number"),
+    ],
+)
+def test_non_finite_and_out_of_range_floats_are_refused(override: str, message: str) -> None:
+    """NaN/inf and negative values are caught at load time, naming the key and a valid value (a NaN
+    learning rate used to crash inside torch's AdamW, a NaN grad_clip silently turned clipping off)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_every_float_field_refuses_nan() -> None:
+    """Every float field of every section (not only the ones with a range check) refuses NaN."""
+    import dataclasses
+    import typing
+
+    from deepsuite.config.schema import SECTIONS
+
+    checked = 0
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] is float:
+                with pytest.raises(ConfigError, match=rf"{section}.{f.name}=nan must be"):
+                    load_config(None, [f"{section}.{f.name}=.nan"])
+                checked += 1
+    assert checked >= 10
+
+
+def test_resumed_wandb_run_continues_the_same_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The wandb run id is stored in logging.run_dir; a resumed run passes it with resume="allow"."""
+    import types
+
+    from deepsuite.training.metrics import MetricsLogger
+
+    inits: list[dict[str, object]] = []
+    run = types.SimpleNamespace(log=lambda data, step: None, finish=lambda: None)
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: inits.append(kw) or run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(
+        None, [f"logging.run_dir={tmp_path}", "logging.wandb=true", "logging.wandb_mode=disabled"]
+    )
+
+    id_file = tmp_path / "wandb_run_id"
+    MetricsLogger(cfg, enabled=True).close()  # fresh run
+    first = inits[0].get("id")
+    assert isinstance(first, str) and first and inits[0].get("resume") == "allow"
+    assert id_file.read_text().strip() == first
+    MetricsLogger(cfg, enabled=True, resume_step=2).close()  # resumed: same wandb run
+    assert inits[1].get("id") == first and inits[1].get("resume") == "allow"
+    MetricsLogger(cfg, enabled=True).close()  # a fresh run in the same folder: a new wandb run
+    assert inits[2].get("id") != first
+    assert id_file.read_text().strip() == inits[2]["id"]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -232,9 +236,75 @@ def test_unprepared_folder(tmp_path: Path) -> None:
 
 def test_vocab_too_large_for_corpus(tmp_path: Path) -> None:
     src = corpus(tmp_path / "c", n_docs=2, lines=3)
-    with pytest.raises(DataError, match=r"data.vocab_size=5000 is too large"):
+    with pytest.raises(
+        DataError, match=r"data.vocab_size=5000 is too large.*lower data.vocab_size to <= \d+"
+    ):
         prepare_data(data_cfg(src, tmp_path / "out", "data.vocab_size=5000"), log=quiet)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_vocab_too_small_for_corpus_says_raise_it(tmp_path: Path) -> None:
+    """260 pieces cannot hold 256 bytes + 4 specials + the corpus's characters: the advice is to
+    raise data.vocab_size (it used to say "too large … lower data.vocab_size")."""
+    src = corpus(tmp_path / "c", n_docs=2, lines=3)
+    with pytest.raises(
+        DataError, match=r"data.vocab_size=260 is too small.*raise data.vocab_size to >= (\d+)"
+    ) as info:
+        prepare_data(data_cfg(src, tmp_path / "out", "data.vocab_size=260"), log=quiet)
+    assert "lower" not in str(info.value)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (
+            "INTERNAL: src/trainer_interface.cc(638) [...] Vocabulary size is smaller than required_chars. "
+            "260 vs 283. Increase vocab_size or decrease character_coverage with --character_coverage option.",
+            r"data.vocab_size=260 is too small for this corpus.*raise data.vocab_size to >= 283$",
+        ),
+        (
+            "INTERNAL: src/trainer_interface.cc(744) [...] Vocabulary size too high (5000). Please set it to "
+            "a value <= 408.",
+            r"data.vocab_size=5000 is too large for this corpus.*lower data.vocab_size to <= 408 ",
+        ),
+        ("Vocabulary size is odd", r"data.vocab_size=\d+ does not suit this corpus"),
+        ("something else", r"tokenizer training failed: something else"),
+    ],
+)
+def test_vocab_size_advice_follows_sentencepiece(msg: str, expected: str) -> None:
+    from deepsuite.data.tokenizer import vocab_size_error
+
+    vocab = 260 if "260" in msg else 5000
+    assert re.search(expected, str(vocab_size_error(msg, vocab)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda m: m.pop("vocab_size"), "vocab_size"),
+        (lambda m: m.pop("dtype"), "dtype"),
+        (lambda m: m.pop("splits"), "splits"),
+        (lambda m: m.__setitem__("vocab_size", "300"), "vocab_size"),
+        (lambda m: m["splits"]["train"]["shards"][0].pop("tokens"), r"splits.train.shards\[0\].tokens"),
+        (lambda m: m["splits"]["val"].pop("shards"), "splits.val.shards"),
+    ],
+)
+def test_meta_missing_a_key_is_a_clear_error(
+    prepared: tuple[Path, Path], tmp_path: Path, edit: Callable[[dict[str, Any]], object], key: str
+) -> None:
+    """A meta.json without a required key used to raise a bare KeyError traceback."""
+    _, out = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    edit(meta)
+    (copy / "meta.json").write_text(json.dumps(meta))
+    pattern = rf"meta.json: key '{key}' is (missing|malformed).*prepare-data --config FILE --force"
+    with pytest.raises(DataError, match=pattern):
+        read_meta(copy)
+    with pytest.raises(DataError, match=pattern):
+        TokenShards(copy, "train")
 
 
 def test_shakespeare_corpus_files() -> None:

@@ -49,7 +49,7 @@ def test_each_epoch_visits_every_window_once(shards: TokenShards) -> None:
     n = s.n_windows
     assert n == (len(shards) - 16) // 16
     first = s.next_starts(n)
-    assert s.state_dict() == {"epoch": 1, "index": 0}
+    assert {k: s.state_dict()[k] for k in ("epoch", "index")} == {"epoch": 1, "index": 0}
     offset = int(first.min() % 16)
     assert sorted(first.tolist()) == [offset + 16 * i for i in range(n)]
     assert int(first.max()) + 17 <= len(shards)
@@ -94,6 +94,55 @@ def test_bad_state_and_too_little_data(shards: TokenShards, tmp_path: Path) -> N
     small = fake_shards(tmp_path / "small", [20])
     with pytest.raises(DataError, match=r"fewer than 2 × training\.seq_len"):
         WindowSampler(small, seq_len=16, seed=0)
+
+
+def test_state_records_what_the_position_is_relative_to(shards: TokenShards) -> None:
+    s = WindowSampler(shards, seq_len=8, seed=5)
+    s.next_starts(3)
+    state = s.state_dict()
+    assert state["epoch"] == 0 and state["index"] == 3
+    assert state["seq_len"] == 8 and state["seed"] == 5 and state["tokens"] == len(shards)
+    assert state["data"] == WindowSampler(shards, seq_len=16, seed=0).data_fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "seed", "message"),
+    [
+        (16, 1, r"trained with training.seq_len=8 but the config has training.seq_len=16"),
+        (7, 1, r"trained with training.seq_len=8 but the config has training.seq_len=7"),
+        (8, 2, r"trained with data.seed=1 but the config has data.seed=2"),
+    ],
+)
+def test_resume_with_another_window_order_is_refused(
+    shards: TokenShards, seq_len: int, seed: int, message: str
+) -> None:
+    """Another seq_len or seed gives another window order: the saved position would silently point
+    into it (index 3 is valid for both), so loading is refused with the setting and the fix."""
+    state = json.loads(json.dumps(WindowSampler(shards, seq_len=8, seed=1).state_dict()))
+    state["index"] = 3
+    other = WindowSampler(shards, seq_len=seq_len, seed=seed)
+    with pytest.raises(DataError, match=message + r".*original value.*checkpoint.resume=never"):
+        other.load_state_dict(state)
+    assert other.state_dict()["index"] == 0  # nothing loaded
+
+
+def test_resume_on_other_data_is_refused(shards: TokenShards, tmp_path: Path) -> None:
+    state = WindowSampler(shards, seq_len=8, seed=1).state_dict()
+    same_size = fake_shards(tmp_path / "same_size", [537, 500])  # same token count, other shards
+    bigger = fake_shards(tmp_path / "bigger", [500, 300, 400])
+    for data in (same_size, bigger):
+        with pytest.raises(
+            DataError, match=r"trained on other data \(1,037 train tokens.*point data.out_dir"
+        ):
+            WindowSampler(data, seq_len=8, seed=1).load_state_dict(state)
+    copy = fake_shards(tmp_path / "copy", [500, 300, 237])  # the same data in another folder
+    WindowSampler(copy, seq_len=8, seed=1).load_state_dict(state)
+
+
+def test_old_state_without_the_new_fields_still_loads(shards: TokenShards) -> None:
+    s = WindowSampler(shards, seq_len=16, seed=9)
+    s.load_state_dict({"epoch": 2, "index": 5})
+    assert (s.epoch, s.index) == (2, 5)
 
 
 def test_eval_windows_are_fixed_and_spread(shards: TokenShards) -> None:

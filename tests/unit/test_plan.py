@@ -165,3 +165,34 @@ def test_find_flavor() -> None:
     assert find_flavor("gpt").name == "gpt"
     with pytest.raises(ConfigError, match="not a known flavor"):
         find_flavor("llama-3")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], r"--nodes=0 must be >= 1"),
+        (["--gpus-per-node", "-1"], r"--gpus-per-node=-1 must be >= 1"),
+        (["--micro-batch", "0"], r"--micro-batch=0 must be >= 1"),
+        (["--seq-len", "0"], r"--seq-len=0 must be >= 1"),
+        (["--grad-accum", "0"], r"--grad-accum=0 must be >= 1"),
+        (["--ep", "0"], r"--ep=0 must be >= 1"),
+        (["--zero", "4"], r"--zero=4 must be a ZeRO stage"),
+        (["--gpu-mem", "0"], r"--gpu-mem=0.0 must be a finite number of GiB > 0"),
+        (["--gpu-mem", "nan"], r"--gpu-mem=nan must be a finite number"),
+    ],
+)
+def test_plan_refuses_bad_numbers(args: list[str], message: str) -> None:
+    """Counts < 1 used to divide by zero (--nodes 0) or print a meaningless FITS (--micro-batch 0)."""
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    with pytest.raises(ConfigError, match=message):
+        plan_main(parser.parse_args(["--model", "gpt2-small", *args]))
+
+
+@pytest.mark.parametrize(
+    "field", ["nodes", "gpus_per_node", "micro_batch", "seq_len", "grad_accum", "gpu_mem_gb"]
+)
+def test_plan_input_refuses_non_positive_values(field: str) -> None:
+    gpt = ModelConfig(name="gpt", flavor="gpt2-small")
+    with pytest.raises(ConfigError, match=rf"{field}=0 must be"):
+        plan(gpt, dataclasses.replace(PlanInput(), **{field: 0}))
