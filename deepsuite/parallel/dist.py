@@ -175,6 +175,17 @@ _DEEPSPEED_GROUP_REGISTRIES = (
 )
 
 
+def restore_torch_linear() -> None:
+    """Undo DeepSpeed ZeRO-3's process-wide ``torch.nn.functional.linear`` replacement (its
+    memory-efficient linear, which adds the bias after rounding under autocast): after a run,
+    code in the same process (evaluation, generation, a notebook) gets torch's own linear again."""
+    partition = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    holder = getattr(partition, "InsertPostInitMethodToModuleSubClasses", None)
+    original = getattr(holder, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+
+
 def destroy_distributed() -> None:
     """Leave the process group (end of a run).
 
@@ -183,6 +194,7 @@ def destroy_distributed() -> None:
     on 2 CPU ranks about one exit in six then aborted (SIGABRT, "terminate called without an
     active exception") after a successful run. Those registries are dropped and collected first.
     """
+    restore_torch_linear()
     if not is_initialized():
         return
     ds_groups = sys.modules.get("deepspeed.utils.groups")

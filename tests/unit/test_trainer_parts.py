@@ -158,3 +158,23 @@ def test_metrics_logger_mirrors_to_wandb(monkeypatch: pytest.MonkeyPatch, tmp_pa
     # resuming at step 1 drops records after it
     MetricsLogger(load_config(None, [f"logging.run_dir={tmp_path}"]), enabled=True, resume_step=1)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_restore_torch_linear_undoes_deepspeed_zero3_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed ZeRO-3 swaps ``torch.nn.functional.linear`` for its own process-wide and keeps
+    it; `restore_torch_linear` (end of `train()`, teardown) puts torch's back."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from deepsuite.parallel.dist import restore_torch_linear
+
+    original = F.linear
+    holder = type("InsertPostInitMethodToModuleSubClasses", (), {"linear_bk": original})
+    fake = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
+    fake.InsertPostInitMethodToModuleSubClasses = holder  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters", fake)
+    monkeypatch.setattr(F, "linear", lambda *a, **k: None)
+    restore_torch_linear()
+    assert F.linear is original
