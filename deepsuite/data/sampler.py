@@ -69,7 +69,10 @@ class WindowSampler:
         """Raise a `DataError` when `state` was saved with another training.seq_len, data.seed or
         data folder: its position would then index another window order. Fields missing from
         older checkpoints are not checked."""
-        fix = "resume with the original value, or start fresh with checkpoint.resume=never (or another checkpoint.dir)"
+        fix = (
+            "resume with the original value, or start a new run from the checkpoint's weights with "
+            "checkpoint.init_from=<its run folder> in a new checkpoint.dir (new optimizer and data order)"
+        )
         if "seq_len" in state and int(state["seq_len"]) != self.seq_len:
             raise DataError(
                 f"the checkpoint was trained with training.seq_len={int(state['seq_len'])} but the config has "
@@ -85,8 +88,8 @@ class WindowSampler:
             raise DataError(
                 f"the checkpoint was trained on other data ({saved}, fingerprint {state['data']}) than "
                 f"data.out_dir={str(self.shards.dir)!r} ({len(self.shards):,} train tokens, fingerprint "
-                f"{self.data_fingerprint()}); point data.out_dir at the original data, or start fresh with "
-                "checkpoint.resume=never (or another checkpoint.dir)"
+                f"{self.data_fingerprint()}); point data.out_dir at the original data, or train on this data from "
+                "the checkpoint's weights with checkpoint.init_from=<its run folder> in a new checkpoint.dir"
             )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

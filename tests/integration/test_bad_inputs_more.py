@@ -164,5 +164,5 @@ def test_resume_with_another_window_order_is_refused(
     shutil.copytree(two_steps, run_dir)
     before = snapshot(run_dir)
     argv = train_argv(tiny_data, run_dir, training__steps=4, training__sample_tokens=0, **change)
-    fails(capsys, argv, pattern + r".*original value.*checkpoint.resume=never")
+    fails(capsys, argv, pattern + r".*original value.*checkpoint.init_from")
     assert snapshot(run_dir) == before  # nothing written

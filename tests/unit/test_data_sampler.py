@@ -121,7 +121,7 @@ def test_resume_with_another_window_order_is_refused(
     state = json.loads(json.dumps(WindowSampler(shards, seq_len=8, seed=1).state_dict()))
     state["index"] = 3
     other = WindowSampler(shards, seq_len=seq_len, seed=seed)
-    with pytest.raises(DataError, match=message + r".*original value.*checkpoint.resume=never"):
+    with pytest.raises(DataError, match=message + r".*original value.*checkpoint.init_from"):
         other.load_state_dict(state)
     assert other.state_dict()["index"] == 0  # nothing loaded
 
