@@ -260,8 +260,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     path = find_checkpoint(args.checkpoint)
     model, state, _ = load_model_from_checkpoint(path)
-    tok_path = path / "tokenizer.model"
-    tok = Tokenizer(tok_path if tok_path.is_file() else Path(state["tokenizer"]))
+    copies = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+    tok = Tokenizer(copies[0] if copies else Path(state["tokenizer"]))
     if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
         raise ConfigError(
             f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "

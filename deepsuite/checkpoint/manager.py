@@ -8,7 +8,7 @@ Layout of `checkpoint.dir`::
       deepspeed/…           # engine.save_checkpoint (model, optimizer, LR scheduler; ZeRO shards)
       rng/rank_00000.json   # every RNG of each rank
       config.yaml           # the resolved run config
-      tokenizer.model       # copy of the tokenizer, so the folder is self-contained
+      tokenizer.model       # copy of the tokenizer (tokenizer.json for a Hugging Face one): self-contained
       state.json            # written last: step, sampler position, tokens seen, model config,
                             # a manifest (path → bytes) of every other file and, under ZeRO-0, the
                             # parameter names of each optimizer group (`optimizer_param_names`)
@@ -166,7 +166,7 @@ def save_checkpoint(
 
         _write_durable(tmp / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if tokenizer_path:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            shutil.copyfile(tokenizer_path, tmp / Path(tokenizer_path).name)  # tokenizer.model or .json
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():

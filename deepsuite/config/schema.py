@@ -38,7 +38,7 @@ class DataConfig:
     """Folder for the tokenizer, the packed token shards and `meta.json`."""
 
     tokenizer: str = ""
-    """Path of an existing SentencePiece `.model`; empty trains a BPE tokenizer (byte fallback) on the corpus."""
+    """An existing tokenizer: a SentencePiece `.model`, or a Hugging Face `tokenizer.json` / model folder holding one (its EOS from `tokenizer_config.json` or `config.json`), e.g. to fine-tune that model with `checkpoint.init_from`; empty trains a BPE tokenizer (byte fallback) on the corpus."""
 
     vocab_size: int = 4096
     """Vocabulary size of a newly trained tokenizer (ignored when `tokenizer` is given)."""

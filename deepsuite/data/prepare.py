@@ -23,21 +23,26 @@ from deepsuite.config.schema import DataConfig
 from deepsuite.data.corpus import load_corpus, resolve_files
 from deepsuite.data.errors import DataError
 from deepsuite.data.shards import META_FILE, META_FORMAT, read_meta, token_dtype
-from deepsuite.data.tokenizer import Tokenizer, train_tokenizer
+from deepsuite.data.tokenizer import (
+    HF_TOKENIZER_FILE,
+    Tokenizer,
+    bundle_hf_tokenizer,
+    is_hf_tokenizer,
+    train_tokenizer,
+)
 
 TOKENIZER_FILE = "tokenizer.model"
+"""The SentencePiece model in a data folder (a Hugging Face tokenizer is stored as `tokenizer.json`)."""
 _SPLITS = ("train", "val")
 _ENCODERS: dict[str, Any] = {}
 
 
 def _encode_batch(batch: dict[str, list[str]], model_path: str) -> dict[str, list[Any]]:
     """datasets.map worker: token ids of each document and its length with the EOS."""
-    sp = _ENCODERS.get(model_path)
-    if sp is None:
-        import sentencepiece as spm
-
-        sp = _ENCODERS[model_path] = spm.SentencePieceProcessor(model_file=model_path)
-    ids = sp.EncodeAsIds(batch["text"])
+    tok = _ENCODERS.get(model_path)
+    if tok is None:
+        tok = _ENCODERS[model_path] = Tokenizer(model_path)
+    ids = tok.encode_batch(batch["text"])
     return {"ids": ids, "n_tokens": [len(x) + 1 for x in ids]}
 
 
@@ -56,7 +61,16 @@ def fingerprint(data: DataConfig) -> str:
         for p in resolve_files(data.source):
             st = p.stat()
             files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    tokenizer = _sha256(Path(data.tokenizer)) if data.tokenizer and Path(data.tokenizer).is_file() else ""
+    tokenizer = ""
+    if data.tokenizer:
+        src = Path(data.tokenizer)
+        # an HF model folder: its tokenizer and the configs that name the special tokens
+        parts = (
+            [src / n for n in (HF_TOKENIZER_FILE, "tokenizer_config.json", "config.json")]
+            if src.is_dir()
+            else [src]
+        )
+        tokenizer = ",".join(_sha256(p) for p in parts if p.is_file())
     settings = {
         "format": META_FORMAT,
         "source": data.source,
@@ -172,7 +186,10 @@ def _prepare_into(data: DataConfig, tmp: Path, fp: str, log: Callable[[str], Non
     train_idx, val_idx = split_documents(len(docs), data.val_fraction, data.seed)
     splits = {"train": docs.select(train_idx), "val": docs.select(val_idx)}
     model_path = tmp / TOKENIZER_FILE
-    if data.tokenizer:
+    if data.tokenizer and is_hf_tokenizer(data.tokenizer):
+        model_path = tmp / HF_TOKENIZER_FILE
+        bundle_hf_tokenizer(data.tokenizer, model_path)  # with its special tokens: one self-contained file
+    elif data.tokenizer:
         Tokenizer(data.tokenizer)  # validates the file
         shutil.copyfile(data.tokenizer, model_path)
     else:
@@ -206,7 +223,7 @@ def _prepare_into(data: DataConfig, tmp: Path, fp: str, log: Callable[[str], Non
         "source": corpus.description,
         "files": [str(p) for p in corpus.files],
         "text_field": data.text_field,
-        "tokenizer": TOKENIZER_FILE,
+        "tokenizer": model_path.name,
         "tokenizer_source": data.tokenizer or "trained",
         "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id,

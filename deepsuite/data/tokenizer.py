@@ -1,34 +1,149 @@
-"""SentencePiece tokenizer: train a byte-fallback BPE model on a corpus, or load an existing one.
+"""Tokenizers: SentencePiece models (trained here or given) and Hugging Face ``tokenizers`` files.
 
-Special ids are fixed: unk=0, bos=1, eos=2, pad=3. Text is kept as is (identity normalisation, no
-dummy prefix, whitespace kept), so that decoding gives back the original layout; characters outside
-the learned pieces (newlines included) become byte pieces `<0x..>` instead of `<unk>`.
+**SentencePiece** (what `prepare-data` trains when `data.tokenizer` is empty): a byte-fallback BPE
+model. Special ids are fixed: unk=0, bos=1, eos=2, pad=3. Text is kept as is (identity
+normalisation, no dummy prefix, whitespace kept), so that decoding gives back the original layout;
+characters outside the learned pieces (newlines included) become byte pieces `<0x..>` instead of
+`<unk>`.
+
+**Hugging Face** (to fine-tune a model from the Hub with its own vocabulary, e.g. GPT-2's byte-level
+BPE or DeepSeek-V3's): `data.tokenizer` names a model folder holding `tokenizer.json`, or that file
+itself. The end-of-document token comes from `tokenizer_config.json` (`eos_token`) or `config.json`
+(`eos_token_id`) beside it. `prepare-data` stores it as one self-contained file
+(`tokenizer.json` in the data folder: the tokenizer plus its special tokens), which checkpoints copy.
+Text is encoded without added special tokens; documents are separated by the EOS token.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from deepsuite.data.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
+HF_TOKENIZER_FILE = "tokenizer.json"
+"""Name of a Hugging Face tokenizer file (and of deepsuite's bundle of one in a data folder)."""
+_BUNDLE_FORMAT = "deepsuite-hf-tokenizer/1"
+_SPECIAL = ("eos", "bos", "pad", "unk")
+
+
+def is_hf_tokenizer(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a Hugging Face tokenizer: a folder holding ``tokenizer.json`` or a ``.json`` file."""
+    p = Path(path)
+    return (p.is_dir() and (p / HF_TOKENIZER_FILE).is_file()) or (p.is_file() and p.suffix == ".json")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path}: not readable JSON ({exc}); point data.tokenizer at a valid tokenizer"
+        ) from None
+
+
+def _hf_special_tokens(folder: Path, tok: Any) -> dict[str, str | None]:
+    """eos/bos/pad/unk token strings from ``tokenizer_config.json``, else ids from ``config.json``."""
+    out: dict[str, str | None] = dict.fromkeys(_SPECIAL)
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        conf = _read_json(tc)
+        if isinstance(conf, dict):
+            for name in _SPECIAL:
+                out[name] = _token_text(conf.get(f"{name}_token"))
+    mc = folder / "config.json"
+    if mc.is_file():
+        conf = _read_json(mc)
+        if isinstance(conf, dict):
+            for name in _SPECIAL:
+                token_id = conf.get(f"{name}_token_id")
+                if isinstance(
+                    token_id, list
+                ):  # some configs list several EOS ids: the first is the document end
+                    token_id = token_id[0] if token_id else None
+                if out[name] is None and isinstance(token_id, int):
+                    out[name] = tok.id_to_token(token_id)
+    return out
+
+
+def bundle_hf_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Write the Hugging Face tokenizer ``src`` (a folder with ``tokenizer.json``, or that file) to
+    ``dst`` as one self-contained deepsuite file: the tokenizer and its special tokens.
+
+    Raises `DataError` when it does not load or no end-of-document token can be found.
+    """
+    source = Path(src)
+    folder, file = (source, source / HF_TOKENIZER_FILE) if source.is_dir() else (source.parent, source)
+    tok = _load_hf(file)
+    special = _hf_special_tokens(folder, tok)
+    if special["eos"] is None:
+        raise DataError(
+            f'{source}: cannot tell the end-of-document token: add "eos_token" to tokenizer_config.json (or '
+            '"eos_token_id" to config.json) beside tokenizer.json'
+        )
+    for name, token in special.items():
+        if token is not None and tok.token_to_id(token) is None:
+            raise DataError(f"{source}: its {name} token {token!r} is not in the vocabulary")
+    bundle = {
+        "format": _BUNDLE_FORMAT,
+        "source": str(source),
+        "special_tokens": special,
+        "tokenizer": json.loads(tok.to_str()),
+    }
+    Path(dst).write_text(json.dumps(bundle, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _load_hf(file: Path, text: str | None = None) -> Any:
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise DataError(
+            f"{file} is a Hugging Face tokenizer; install the `tokenizers` package (pip install 'deepsuite[hf]')"
+        ) from None
+    try:
+        return HFTokenizer.from_str(text) if text is not None else HFTokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust loader raises plain Exceptions
+        raise DataError(f"{file}: not a Hugging Face tokenizer ({str(exc).splitlines()[0][:200]})") from None
+
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids deepsuite relies on."""
+    """A loaded tokenizer with the ids deepsuite relies on: a SentencePiece ``.model``, a Hugging
+    Face ``tokenizer.json`` (or a model folder holding one), or deepsuite's bundle of the latter."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import sentencepiece as spm
-
         self.path = Path(path)
-        if not self.path.is_file():
+        self.sp: Any = None
+        self.hf: Any = None
+        self._special: dict[str, int] = {}
+        if not self.path.exists():
             raise DataError(
                 f"tokenizer {str(self.path)!r} does not exist; set data.tokenizer to a SentencePiece "
-                ".model file, or leave it empty to train one"
+                ".model file or a Hugging Face tokenizer (a tokenizer.json or a model folder holding one), "
+                "or leave it empty to train one"
             )
+        if is_hf_tokenizer(self.path):
+            self._init_hf()
+        else:
+            self._init_sentencepiece()
+
+    def _init_sentencepiece(self) -> None:
+        import sentencepiece as spm
+
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: a folder without {HF_TOKENIZER_FILE}; give a tokenizer file")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))
@@ -37,38 +152,81 @@ class Tokenizer:
         if self.sp.eos_id() < 0:
             raise DataError(f"{self.path}: the tokenizer defines no EOS id; train it with eos_id set")
 
+    def _init_hf(self) -> None:
+        if self.path.is_dir():
+            folder, file = self.path, self.path / HF_TOKENIZER_FILE
+            self.hf = _load_hf(file)
+            special = _hf_special_tokens(folder, self.hf)
+        else:
+            data = _read_json(self.path)
+            if isinstance(data, dict) and data.get("format") == _BUNDLE_FORMAT:
+                self.hf = _load_hf(self.path, json.dumps(data["tokenizer"]))
+                special = data.get("special_tokens") or {}
+            else:
+                self.hf = _load_hf(self.path)
+                special = _hf_special_tokens(self.path.parent, self.hf)
+        for name in _SPECIAL:
+            token = special.get(name)
+            token_id = self.hf.token_to_id(token) if token else None
+            self._special[name] = -1 if token_id is None else int(token_id)
+        if self._special["eos"] < 0:
+            raise DataError(
+                f'{self.path}: cannot tell the end-of-document token: add "eos_token" to '
+                'tokenizer_config.json (or "eos_token_id" to config.json) beside tokenizer.json'
+            )
+
+    @property
+    def kind(self) -> str:
+        """``"sentencepiece"`` or ``"huggingface"``."""
+        return "sentencepiece" if self.sp is not None else "huggingface"
+
     @property
     def vocab_size(self) -> int:
-        """Number of pieces (ids are in [0, vocab_size))."""
-        return int(self.sp.GetPieceSize())
+        """Number of ids (ids are in [0, vocab_size)); added tokens included."""
+        if self.sp is not None:
+            return int(self.sp.GetPieceSize())
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    def _special_id(self, name: str) -> int:
+        if self.sp is not None:
+            return int(getattr(self.sp, f"{name}_id")())
+        return self._special[name]
 
     @property
     def eos_id(self) -> int:
         """End-of-document id, appended after every document."""
-        return int(self.sp.eos_id())
+        return self._special_id("eos")
 
     @property
     def bos_id(self) -> int:
         """Beginning-of-sequence id (-1 when undefined)."""
-        return int(self.sp.bos_id())
+        return self._special_id("bos")
 
     @property
     def pad_id(self) -> int:
         """Padding id (-1 when undefined)."""
-        return int(self.sp.pad_id())
+        return self._special_id("pad")
 
     @property
     def unk_id(self) -> int:
-        """Unknown-piece id."""
-        return int(self.sp.unk_id())
+        """Unknown-piece id (-1 when undefined)."""
+        return self._special_id("unk")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added)."""
-        return list(self.sp.EncodeAsIds(text))
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each of `texts` (no BOS/EOS added)."""
+        if self.sp is not None:
+            return [list(ids) for ids in self.sp.EncodeAsIds(texts)]
+        return [list(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (special ids are dropped)."""
-        return str(self.sp.DecodeIds([int(i) for i in ids]))
+        if self.sp is not None:
+            return str(self.sp.DecodeIds([int(i) for i in ids]))
+        return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
