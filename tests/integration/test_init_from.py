@@ -89,3 +89,31 @@ def test_missing_source_is_one_error_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: checkpoint.init_from=") and "does not exist" in err[-1]
+
+
+def test_weights_of_a_transformers_folder(tmp_path: Path) -> None:
+    """A folder written by transformers itself (GPT2LMHeadModel.save_pretrained): the built model
+    then computes transformers' logits; dropout/init settings may differ, the architecture may not."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from deepsuite.checkpoint.init_from import load_initial_weights
+    from deepsuite.models.registry import build_model
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.3)
+    ).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = load_config(None, tiny_overrides(tmp_path / "d", tmp_path / "r"))
+    model = build_model(cfg.model).eval()
+    summary = load_initial_weights(model, str(tmp_path / "hf"))
+    assert "Hugging Face folder" in summary
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    wider = build_model(
+        load_config(None, tiny_overrides(tmp_path / "d", tmp_path / "r", model__d_ffn=64)).model
+    )
+    with pytest.raises(ConfigError, match=r"model\.d_ffn=64 here, 0 in the source"):
+        load_initial_weights(wider, str(tmp_path / "hf"))
