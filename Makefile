@@ -1,5 +1,6 @@
 # deepsuite — the two commands: `make train` and `make test`.
-# GPU users: `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# Pick the torch build with TORCH_SPEC, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# (or .../whl/cpu on a machine without CUDA).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 RUN_DIR ?= runs/default
+# DeepSpeed's CPU accelerator only where there is no NVIDIA GPU (on a GPU box DeepSpeed picks CUDA)
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
@@ -27,7 +31,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch is installed only when missing, pinned by default (a CPU wheel on machines without CUDA).
+# torch is installed only when missing, pinned by default, from pip's configured indexes: PyPI's
+# Linux wheel is the CUDA build (several GB); CPU-only machines without a local CPU wheel should pass
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_SPEC)
 

@@ -64,7 +64,10 @@ read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 # then linger and a restarted rank can read a dead peer's address ("Connection refused").
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
-cd "$ROOT"
+# Run from the caller's folder: relative paths (the config's data and run folders) resolve there,
+# as with `deepsuite train`; a CONFIG given relative to the checkout is found there too.
+if [[ ! -f "$CONFIG" && -f "$ROOT/$CONFIG" ]]; then CONFIG="$ROOT/$CONFIG"; fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 set -x
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$NGPU" \

@@ -41,7 +41,10 @@ if [[ -n "${MASTER_PORT:-}" ]]; then
 fi
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 
-cd "$ROOT"
+# Run from the caller's folder: relative paths (the config's data and run folders) resolve there,
+# as with `deepsuite train`; a CONFIG given relative to the checkout is found there too.
+if [[ ! -f "$CONFIG" && -f "$ROOT/$CONFIG" ]]; then CONFIG="$ROOT/$CONFIG"; fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 set -x
 exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NGPU" "${extra[@]}" \
   -m deepsuite train --config "$CONFIG" "$@"

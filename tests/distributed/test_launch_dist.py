@@ -135,11 +135,12 @@ def test_elastic_restart_after_sigkill_matches_uninterrupted(tmp_path: Path, uni
         assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed[step], ref[step])
 
 
-def test_torchrun_sh_dry_run_validates_the_layout_on_every_rank() -> None:
+def test_torchrun_sh_dry_run_validates_the_layout_on_every_rank(tmp_path: Path) -> None:
     env = cpu_env(NGPU="2", CONFIG="configs/debug.yaml", MASTER_PORT=str(free_port()))
+    # called from another folder: the checkout's CONFIG is found, relative paths stay the caller's
     out = subprocess.run(
         ["bash", str(ROOT / "launch" / "torchrun.sh"), "--dry-run", "parallel.zero_stage=2"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "world: 2 rank(s)" in out.stdout and "stage: 2" in out.stdout

@@ -75,6 +75,17 @@ def test_focal_loss_matches_case_by_case_reference(alpha, gamma):
     torch.testing.assert_close(FocalLoss(alpha, gamma, "mean")(logits, targets), expected.mean())
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_loss_saturated_logits_have_finite_gradients(gamma):
+    """Confident, correct logits: (1 - p_t) is exactly 0 in float32, where x**γ has an infinite
+    derivative for γ < 1; the gradient must be (close to) zero, not NaN."""
+    logits = torch.tensor([30.0, -30.0, 2.0], requires_grad=True)
+    loss = FocalLoss(gamma=gamma, reduction="sum")(logits, torch.tensor([1.0, 0.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[:2].abs().max() < 1e-6 and logits.grad[2] != 0
+
+
 def test_focal_loss_gamma_zero_is_bce_with_soft_targets():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 3, generator=g, dtype=torch.float64)

@@ -29,7 +29,9 @@ def sigmoid_focal_loss(
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # −log p_t
     p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    # clamped away from 0: for 0 < γ < 1 the derivative of x**γ at a saturated logit (x = 0) is
+    # infinite and gave NaN gradients; the value changes by at most tiny**γ
+    loss = ce * (1 - p_t).clamp_min(torch.finfo(p_t.dtype).tiny) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return reduce_loss(loss, reduction)
