@@ -435,10 +435,13 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(exc, _user_errors()):
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
-        diverged = sys.modules.get("deepsuite.training.trainer")
-        if diverged is not None and isinstance(exc, diverged.TrainingDivergedError):
+        trainer = sys.modules.get("deepsuite.training.trainer")
+        if trainer is not None and isinstance(exc, trainer.TrainingDivergedError):
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_DIVERGED
+        if trainer is not None and isinstance(exc, trainer.TrainingStopped):
+            print(f"stopped: {_one_line(exc)}", file=sys.stderr)
+            return 128 + int(exc.signum)
         raise
 
 

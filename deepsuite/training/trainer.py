@@ -29,6 +29,56 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stops without writing a checkpoint."""
 
 
+class TrainingStopped(RuntimeError):
+    """A stop signal (SIGTERM, SIGUSR1) arrived: the run saved a checkpoint after the current step
+    and stopped; ``signum`` is the signal's number (the CLI exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""Signals that make a run checkpoint after its current step and stop: what `docker stop`, SLURM
+(time limit, preemption, `scancel`; `#SBATCH --signal=USR1@120` for an early warning) and torchrun's
+agent send."""
+
+
+class _StopSignals:
+    """Records stop signals while a run trains (main thread only); previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def received_anywhere(self, device: str | torch.device) -> int:
+        """The signal one rank received (0 if none): every rank stops after the same step."""
+        from deepsuite.parallel.dist import all_reduce_max
+
+        flag = torch.tensor([float(self.signum)], device=device)
+        return int(all_reduce_max(flag).item())
+
+
 @dataclass
 class TrainResult:
     """What a `train` call did."""
@@ -524,7 +574,9 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         dynamic_ncols=True,
     )
     tokens_per_step = trainer.layout.global_batch_size * t.seq_len
+    stop = _StopSignals()
     try:
+        stop.__enter__()
         while trainer.step < end:
             tick = time.perf_counter()
             metrics = trainer.train_step()
@@ -553,6 +605,19 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 trainer.step == end and (cfg.checkpoint.save_final or not last)
             ):
                 result.checkpoint = str(trainer.save())
+            signum = stop.received_anywhere(trainer.device)
+            if signum and trainer.step < end:
+                import signal
+
+                if Path(result.checkpoint).name != f"step_{trainer.step}":  # not saved by the schedule above
+                    result.checkpoint = str(trainer.save())
+                bar.close()
+                name = signal.Signals(signum).name
+                raise TrainingStopped(
+                    f"{name} received: stopped after step {trainer.step} of {t.steps} and saved "
+                    f"{result.checkpoint}; run the same command again to resume",
+                    signum,
+                )
         bar.close()
         result.end_step = trainer.step
         if trainer.step == t.steps:
@@ -575,6 +640,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 flush=True,
             )
     finally:
+        stop.__exit__()
         bar.close()
         logger.close()
         from deepsuite.parallel.dist import restore_torch_linear

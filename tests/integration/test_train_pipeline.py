@@ -267,3 +267,40 @@ def test_finished_run_started_again_does_nothing(
     assert again.start_step == again.end_step == 6 and again.sample == ""
     assert "is at step 6 and training.steps=4: nothing to train" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_is_exact(
+    straight: tuple[Path, TrainResult],
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGTERM (docker stop, SLURM time limit, preemption) during step 3 of 6: the run finishes
+    that step, saves step_3 (not on the every-2 schedule), exits 128 + 15 with one line, and the
+    next run resumes there and ends bitwise like the uninterrupted one."""
+    import os
+    import signal
+
+    from deepsuite.cli import main
+    from deepsuite.training.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def step_then_signal(self: Trainer) -> dict[str, float]:
+        out = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: recorded, acted on after this step
+        return out
+
+    argv = ["train", *tiny_overrides(tiny_data, tmp_path)]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", step_then_signal)
+        capsys.readouterr()
+        assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stopped: SIGTERM received: stopped after step 3 of 6 and saved")
+    assert (tmp_path / "step_3").is_dir() and not (tmp_path / "step_4").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    assert main(argv) == 0
+    assert losses(tmp_path) == losses(straight[0])
