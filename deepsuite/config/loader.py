@@ -313,14 +313,39 @@ DEEPSPEED_BATCH_KEYS: dict[str, str] = {
 }
 
 
+DEEPSPEED_DERIVED_KEYS: dict[tuple[str, ...], str] = {
+    ("zero_optimization", "stage"): "parallel.zero_stage",
+    ("bf16", "enabled"): "training.dtype",
+    ("fp16", "enabled"): "training.dtype",
+    ("gradient_clipping",): "training.grad_clip",
+}
+"""Raw DeepSpeed keys deepsuite derives from its own settings, which the layout checks, the
+checkpoint code and the planner read: a raw value would silently contradict them."""
+
+
 def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
-    """Refuse raw `parallel.deepspeed` keys that deepsuite derives itself (the batch layout)."""
+    """Refuse raw `parallel.deepspeed` keys that deepsuite derives itself: the batch layout, the
+    ZeRO stage, the precision and gradient clipping (other keys, e.g. ZeRO offload or bucket sizes,
+    pass through)."""
     for key, ours in DEEPSPEED_BATCH_KEYS.items():
         if key in raw:
             raise ConfigError(
                 f"parallel.deepspeed.{key}={raw[key]!r} is not allowed: deepsuite derives it from training.* "
                 f"and its training loop would no longer match DeepSpeed; remove it and set {ours} instead"
             )
+    for path, ours in DEEPSPEED_DERIVED_KEYS.items():
+        node: Any = raw
+        for part in path:
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            dotted = ".".join(path)
+            raise ConfigError(
+                f"parallel.deepspeed.{dotted}={node!r} is not allowed: deepsuite derives it from {ours} (which "
+                f"its layout checks, checkpoints and planner follow); remove it and set {ours} instead"
+            )
+
+
+_MISSING = object()
 
 
 def validate(cfg: Config) -> None:

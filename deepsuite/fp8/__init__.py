@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,11 +104,17 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def select_backend(cfg: FP8Config, device: torch.device) -> tuple[Literal["te", "native", "bf16"], list[str]]:
-    """The backend that will run on ``device`` and the reasons for any fallback."""
+def select_backend(
+    cfg: FP8Config, device: torch.device, te_blockers: Sequence[str] = ()
+) -> tuple[Literal["te", "native", "bf16"], list[str]]:
+    """The backend that will run on ``device`` and the reasons for any fallback.
+
+    ``te_blockers``: reasons this run's layout rules Transformer Engine out (e.g. expert
+    parallelism, activation checkpointing); the native path is used instead.
+    """
     notes: list[str] = []
     if cfg.backend in ("auto", "te"):
-        reason = _te_unusable_reason(cfg, device)
+        reason = "; ".join(te_blockers) or _te_unusable_reason(cfg, device)
         if reason is None:
             return "te", notes
         if cfg.backend == "te":
@@ -204,16 +211,35 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config) -> FP8Context:
+def te_blockers_for(ep_size: int, activation_checkpointing: bool) -> list[str]:
+    """Why a run layout cannot use Transformer Engine (empty when it can).
+
+    Not built yet, so refused rather than run wrong: TE's grouped experts under expert parallelism
+    (their per-expert weights are not registered as DeepSpeed expert parameters, and consolidation
+    does not merge per-rank TE expert keys), and TE under activation checkpointing (the recompute
+    in backward would run outside TE's FP8 autocast).
+    """
+    out = []
+    if ep_size > 1:
+        out.append("expert parallelism (parallel.ep_size>1) with TE grouped experts is not supported yet")
+    if activation_checkpointing:
+        out.append(
+            "activation checkpointing would recompute TE layers outside FP8 autocast (not supported yet)"
+        )
+    return out
+
+
+def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config, te_blockers: Sequence[str] = ()) -> FP8Context:
     """Convert ``model``'s eligible linear layers to FP8 in place and return the `FP8Context`.
 
     Disabled config → ``FP8Context("disabled")`` and the model untouched. Nothing is converted
-    when no FP8 backend can run; the context then says why (``backend="bf16"``).
+    when no FP8 backend can run; the context then says why (``backend="bf16"``). ``te_blockers``
+    (see `te_blockers_for`) send a run that would pick Transformer Engine to the native path.
     """
     if not fp8_cfg.enabled:
         return FP8Context(backend="disabled")
     device = _model_device(model)
-    backend, notes = select_backend(fp8_cfg, device)
+    backend, notes = select_backend(fp8_cfg, device, te_blockers)
     for note in notes:
         logger.warning(note)
     ctx = FP8Context(backend=backend, recipe=fp8_cfg.recipe, notes=notes)

@@ -253,7 +253,10 @@ if GroupedExperts is not None:
                 gate, up = float8_linear(xe, w_gate_up, None, self.recipe).chunk(2, dim=-1)  # (n, I) each
                 outputs.append(float8_linear(F.silu(gate) * up, w_down, None, self.recipe))  # (n, D)
             if not outputs:
-                return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
+                # no rows here (possible under EP): zero gradients for every weight, as the plain
+                # experts give, so every replica's expert gradient hooks fire alike
+                weights_sum = self.gate_up_proj.sum() + self.down_proj.sum()
+                return x_sorted.new_zeros(0, self.d_model) + 0 * (x_sorted.sum() + weights_sum)
             return torch.cat(outputs, dim=0)  # (S, D)
 
         def extra_repr(self) -> str:

@@ -499,7 +499,8 @@ class DeepSeekMoE(nn.Module):
         Runs eagerly under ``torch.compile``: the rows per expert are data (host-side split sizes
         for the experts and the all-to-all), so a compiled version would recompile for every new
         routing. The router, attention, norms and shared experts around it still compile."""
-        if self.training:
+        # not while backward recomputes this layer (activation checkpointing): counted once per step
+        if self.training and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(
                     indices.flatten(), minlength=self.n_routed_experts

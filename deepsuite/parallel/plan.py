@@ -454,7 +454,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel size")
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=None,
+        help="micro-batches accumulated per step (default: the config's, else 1)",
+    )
     parser.add_argument("--act-ckpt", action="store_true", help="activation checkpointing")
     parser.add_argument("--offload-optimizer", action="store_true")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
@@ -501,12 +506,22 @@ def plan_main(ns: argparse.Namespace) -> int:
         seq_len=pick(ns.seq_len, tr.seq_len if tr else 4096),
         activation_checkpointing=bool(ns.act_ckpt or (par and par.activation_checkpointing)),
         dtype=pick(ns.dtype, tr.dtype if tr else "bf16"),
-        grad_accum=ns.grad_accum,
+        grad_accum=pick(ns.grad_accum, _config_grad_accum(tr, ns, par) if tr else 1),
         offload_optimizer=bool(ns.offload_optimizer or (par and par.offload_optimizer)),
     )
     p = plan(model_cfg, inp)
     print(format_plan(model_cfg.flavor, p, alternatives(model_cfg, p)))
     return 0
+
+
+def _config_grad_accum(tr: Any, ns: argparse.Namespace, par: Any) -> int:
+    """The config's accumulation steps: explicit, or derived as global / (micro × world) for the
+    planned world (`--nodes` × `--gpus-per-node`, one data-parallel replica per GPU)."""
+    if tr.gradient_accumulation_steps:
+        return int(tr.gradient_accumulation_steps)
+    world = (ns.nodes or 1) * ns.gpus_per_node
+    micro = ns.micro_batch or tr.micro_batch_size
+    return max(1, tr.global_batch_size // max(1, micro * world))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,7 +137,10 @@ def _prepare_fp8(model: nn.Module, cfg: Config) -> Any:
         raise NotImplementedError(
             f"fp8.enabled=true needs deepsuite.fp8.prepare_fp8, which is missing ({exc})"
         ) from None
-    return prepare_fp8(model, cfg.fp8)
+    from deepsuite.fp8 import te_blockers_for
+
+    blockers = te_blockers_for(cfg.parallel.ep_size, cfg.parallel.activation_checkpointing)
+    return prepare_fp8(model, cfg.fp8, blockers)
 
 
 def _grad_norm(model: nn.Module) -> float:

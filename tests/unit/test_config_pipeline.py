@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,28 @@ def test_raw_deepspeed_batch_keys_are_refused(key: str, ours: str) -> None:
     cfg.parallel.deepspeed = {key: 3}
     with pytest.raises(ConfigError, match=rf"parallel.deepspeed.{key}=3"):
         build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown", "ours"),
+    [
+        ("{zero_optimization: {stage: 3}}", "zero_optimization.stage=3", "parallel.zero_stage"),
+        ("{bf16: {enabled: true}}", "bf16.enabled=True", "training.dtype"),
+        ("{fp16: {enabled: true}}", "fp16.enabled=True", "training.dtype"),
+        ("{gradient_clipping: 5.0}", "gradient_clipping=5.0", "training.grad_clip"),
+    ],
+)
+def test_raw_deepspeed_keys_that_deepsuite_derives_are_refused(raw: str, shown: str, ours: str) -> None:
+    """The ZeRO stage, precision and clipping are read by the layout checks, checkpoints and the
+    planner: a raw value would contradict them silently (e.g. EP under a raw stage 3)."""
+    with pytest.raises(
+        ConfigError, match=rf"parallel.deepspeed.{re.escape(shown)} is not allowed.*set {ours}"
+    ):
+        load_config(None, [f"parallel.deepspeed={raw}"])
+    # keys deepsuite does not model still pass through
+    cfg = load_config(None, ["parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, bf16: {}}"])
+    ds = build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
 
 
 @pytest.mark.parametrize(

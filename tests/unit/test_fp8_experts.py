@@ -3,6 +3,8 @@ against a float64 emulation that quantises the same tensors with the same scales
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,3 +83,36 @@ def test_grouped_fp8_experts_under_autocast_return_the_autocast_dtype() -> None:
     y.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float32
     assert experts.gate_up_proj.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise", "block"])
+def test_no_rows_give_zero_weight_gradients(scaling: str) -> None:
+    """A rank that receives no tokens (expert parallelism): the output is empty and every expert
+    weight gets a zero gradient, like the plain experts, so all replicas reduce the same grads."""
+    torch.manual_seed(0)
+    plain = GroupedExperts(E, D, I)
+    plain.init_weights(std=0.1)
+    fp8 = Float8GroupedExperts.from_experts(copy.deepcopy(plain), Float8Recipe(scaling))  # type: ignore[arg-type]
+    for experts in (plain, fp8):
+        x = torch.zeros(0, D, requires_grad=True)
+        out = experts(x, [0] * E)
+        assert out.shape == (0, D)
+        out.sum().backward()
+        for p in (experts.gate_up_proj, experts.down_proj):
+            assert p.grad is not None and not p.grad.any()
+
+
+def test_checkpoint_recompute_does_not_count_the_load_twice() -> None:
+    """Activation checkpointing recomputes a MoE layer in backward: its tokens_per_expert (what the
+    bias update and the load metrics read) counts the step's tokens once."""
+    from torch.utils.checkpoint import checkpoint
+
+    from deepsuite.layers.moe import DeepSeekMoE
+
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(D, n_routed_experts=E, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=I)
+    moe.init_weights(std=0.1)
+    moe.train()
+    x = torch.randn(2, 5, D, requires_grad=True)
+    checkpoint(moe, x, use_reentrant=False).sum().backward()
+    assert moe.tokens_per_expert.sum().item() == 2 * 5 * 2  # tokens x top-k, not twice that

@@ -194,6 +194,20 @@ def test_autocast_uses_the_installed_api(monkeypatch: pytest.MonkeyPatch, new_ap
         }
 
 
+def test_layouts_te_does_not_support_yet_use_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expert parallelism and activation checkpointing with TE are not built yet: a run that would
+    pick TE takes the native path and says why (and an explicit fp8.backend=te says so too)."""
+    monkeypatch.setattr(fp8, "_te_unusable_reason", lambda cfg, device: None)  # as if TE ran here
+    device = torch.device("cpu")
+    assert fp8.select_backend(FP8Config(enabled=True), device)[0] == "te"
+    blockers = fp8.te_blockers_for(ep_size=2, activation_checkpointing=True)
+    assert len(blockers) == 2 and fp8.te_blockers_for(1, False) == []
+    for backend in ("auto", "te"):
+        chosen, notes = fp8.select_backend(FP8Config(enabled=True, backend=backend), device, blockers)
+        assert chosen == "native"
+        assert "expert parallelism" in notes[0] and "activation checkpointing" in notes[0]
+
+
 def test_prepare_fp8_te_converts_linears_and_experts(
     fake_te: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,7 +215,7 @@ def test_prepare_fp8_te_converts_linears_and_experts(
     the stacked experts run on GroupedLinear with m_splits = tokens per expert: same outputs."""
     from deepsuite.fp8.experts import TEGroupedExperts
 
-    monkeypatch.setattr(fp8, "select_backend", lambda cfg, device: ("te", []))
+    monkeypatch.setattr(fp8, "select_backend", lambda cfg, device, blockers=(): ("te", []))
     torch.manual_seed(0)
     ref = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
     model = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")

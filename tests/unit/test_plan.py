@@ -196,3 +196,17 @@ def test_plan_input_refuses_non_positive_values(field: str) -> None:
     gpt = ModelConfig(name="gpt", flavor="gpt2-small")
     with pytest.raises(ConfigError, match=rf"{field}=0 must be"):
         plan(gpt, dataclasses.replace(PlanInput(), **{field: 0}))
+
+
+def test_grad_accum_comes_from_the_config() -> None:
+    """`plan --config`: the config's accumulation (explicit, or global / (micro x planned world))."""
+    import argparse
+
+    from deepsuite.config import load_config
+    from deepsuite.parallel.plan import _config_grad_accum
+
+    ns = argparse.Namespace(nodes=None, gpus_per_node=2, micro_batch=None)
+    tr = load_config(None, ["training.global_batch_size=32", "training.micro_batch_size=4"]).training
+    assert _config_grad_accum(tr, ns, None) == 4  # 32 / (4 x 1 node x 2 GPUs)
+    tr.gradient_accumulation_steps = 3
+    assert _config_grad_accum(tr, ns, None) == 3
