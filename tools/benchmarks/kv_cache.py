@@ -160,6 +160,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "benchmark": "kv_cache",
         "cache": sizes,
         "decode": speed,
+        "ratios": {
+            "decode tokens/s deepsuite/transformers": speed["speedup"],
+            "cache transformers/deepsuite": sizes["ratio_transformers_over_deepsuite"],
+            "cache full K/V/deepsuite": sizes["ratio_full_kv_over_deepsuite"],
+        },
         "goal": "cache <= 1/20 of transformers' (671B head layout) and decode >= 1.5x tokens/s",
         "env": env_info("cpu"),
     }

@@ -156,6 +156,10 @@ def run(
         # the speed-up with zero bookkeeping overhead
         "speedup_bound_at_measured_acceptance": (1 + rate) * costs["main_1_token_ms"] / spec_pass,
         "speedup_bound_at_full_acceptance": 2 * costs["main_1_token_ms"] / spec_pass,
+        "ratios": {
+            "acceptance": accepted / drafted if drafted else 0.0,
+            "speculative/plain tokens/s": plain_s / spec_s,
+        },
         "goal": "acceptance >= 0.7 and speed-up >= 1.4x on the trained default model",
         "env": env_info(device),
     }
