@@ -60,6 +60,12 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         c.add_argument("src", metavar="SRC", help="input folder")
         c.add_argument("dst", metavar="DST", help="output folder")
         c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        c.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16", "float16"],
+            default="float32",
+            help="dtype of the written weights (default float32; bfloat16 halves the size)",
+        )
 
 
 def _add_consolidate_arguments(p: argparse.ArgumentParser) -> None:
@@ -326,7 +332,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             else f"{dst} exists and is not empty; pass --overwrite to replace it"
         )
     try:
-        out = fn(args.src, args.dst, overwrite=args.overwrite)
+        out = fn(args.src, args.dst, overwrite=args.overwrite, dtype=convert.DTYPES[args.dtype])
     except FileExistsError as exc:
         from deepsuite.config import ConfigError
 

@@ -478,3 +478,41 @@ def test_inspect_refuses_a_dangling_alias_like_convert(
     assert main(["inspect", str(alias)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nonexistent" in err[0], err
+
+
+@pytest.mark.parametrize("kind", ["gpt", "deepseek"])
+def test_convert_dtype_bfloat16_halves_the_folder_and_transformers_reads_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """`--dtype bfloat16`: every weight stored in bf16 (the DeepSeek router bias stays float32) and
+    `dtype` in config.json says so; the logits of the bf16 folder stay within bf16 rounding of the
+    float32 one."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folders = _tiny_folders(tmp_path / "src")
+    src = folders["ds"] if kind == "gpt" else folders["dsv3"]
+    # deepsuite folder -> HF in bf16 (GPT); HF -> deepsuite -> HF in bf16 (DeepSeek)
+    if kind == "deepseek":
+        assert (
+            main(["convert", "hf-to-deepsuite", str(src), str(tmp_path / "mid"), "--dtype", "bfloat16"]) == 0
+        )
+        src = tmp_path / "mid"
+    for dtype in ("float32", "bfloat16"):
+        assert main(["convert", "deepsuite-to-hf", str(src), str(tmp_path / dtype), "--dtype", dtype]) == 0
+    files = sorted((tmp_path / "bfloat16").glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    # the router bias stays float32 (it selects experts; DeepSeek's release stores it so too)
+    assert {d for k, d in dtypes.items() if "e_score_correction_bias" not in k} == {"BF16"}
+    assert {d for k, d in dtypes.items() if "e_score_correction_bias" in k} <= {"F32"}
+    assert json.loads((tmp_path / "bfloat16" / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float32").eval()(ids).logits
+        low = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / "bfloat16", dtype=torch.float32)
+            .eval()(ids)
+            .logits
+        )
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
