@@ -27,6 +27,7 @@ Environment:
   RDZV_TIMEOUT  seconds to wait for all nodes to join (default 900)
   PYTHON        interpreter (default: .venv/bin/python of the checkout if present, else python3)
   TORCHRUN_ARGS extra torchrun flags, word-split
+  SHUTDOWN_TIMEOUT seconds the ranks get to checkpoint after SIGTERM/SIGUSR1 (default 300)
 USAGE
 }
 
@@ -68,6 +69,11 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:
 # as with `deepsuite train`; a CONFIG given relative to the checkout is found there too.
 if [[ ! -f "$CONFIG" && -f "$ROOT/$CONFIG" ]]; then CONFIG="$ROOT/$CONFIG"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Forward SIGUSR1 too (SLURM's early warning: deepsuite checkpoints and stops on it and on SIGTERM)
+# and give the ranks SHUTDOWN_TIMEOUT seconds to save before torchrun kills them (its default: 30).
+if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+  extra+=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}")
+fi
 set -x
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$NGPU" \

@@ -17,6 +17,7 @@ Environment:
   PYTHON       interpreter (default: .venv/bin/python of the checkout if present, else python3)
   MASTER_PORT  rendezvous port of the standalone run (default: a free port picked by torchrun)
   TORCHRUN_ARGS extra torchrun flags, word-split (e.g. "--log-dir runs/logs")
+  SHUTDOWN_TIMEOUT seconds the ranks get to checkpoint after SIGTERM/SIGUSR1 (default 300)
 USAGE
 }
 
@@ -45,6 +46,11 @@ read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 # as with `deepsuite train`; a CONFIG given relative to the checkout is found there too.
 if [[ ! -f "$CONFIG" && -f "$ROOT/$CONFIG" ]]; then CONFIG="$ROOT/$CONFIG"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Forward SIGUSR1 too (SLURM's early warning: deepsuite checkpoints and stops on it and on SIGTERM)
+# and give the ranks SHUTDOWN_TIMEOUT seconds to save before torchrun kills them (its default: 30).
+if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+  extra+=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}")
+fi
 set -x
 exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NGPU" "${extra[@]}" \
   -m deepsuite train --config "$CONFIG" "$@"

@@ -375,7 +375,8 @@ def check_compatible(state: dict[str, Any], cfg: Config, path: Path, world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
             f"resuming on {world_size} ranks is not supported (its optimizer shards are per rank). "
-            "Resume with the same number of ranks, or convert it with `deepsuite convert zero-to-hf`."
+            "Resume with the same number of ranks, or start a new run from its weights with "
+            "checkpoint.init_from=<its run folder> in a new checkpoint.dir (fresh optimizer state)."
         )
 
 

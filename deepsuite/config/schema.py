@@ -190,7 +190,7 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo otherwise."""
 
     deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config keys merged over the generated config (for what deepsuite does not model); the batch keys `train_batch_size`, `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps` are refused: set `training.*` instead."""
+    """Raw DeepSpeed config keys merged over the generated config (for what deepsuite does not model); keys deepsuite derives are refused: the batch keys `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` (set `training.*`), `zero_optimization.stage` (`parallel.zero_stage`), `bf16`/`fp16` `enabled` (`training.dtype`) and `gradient_clipping` (`training.grad_clip`)."""
 
 
 @dataclass

@@ -64,12 +64,12 @@ def fingerprint(data: DataConfig) -> str:
     tokenizer = ""
     if data.tokenizer:
         src = Path(data.tokenizer)
-        # an HF model folder: its tokenizer and the configs that name the special tokens
-        parts = (
-            [src / n for n in (HF_TOKENIZER_FILE, "tokenizer_config.json", "config.json")]
-            if src.is_dir()
-            else [src]
+        # an HF tokenizer's special tokens come from the configs beside tokenizer.json: hash them too
+        folder = src if src.is_dir() else src.parent
+        siblings = (
+            [folder / n for n in ("tokenizer_config.json", "config.json")] if is_hf_tokenizer(src) else []
         )
+        parts = [src / HF_TOKENIZER_FILE if src.is_dir() else src, *siblings]
         tokenizer = ",".join(_sha256(p) for p in parts if p.is_file())
     settings = {
         "format": META_FORMAT,

@@ -11,7 +11,8 @@ BPE or DeepSeek-V3's): `data.tokenizer` names a model folder holding `tokenizer.
 itself. The end-of-document token comes from `tokenizer_config.json` (`eos_token`) or `config.json`
 (`eos_token_id`) beside it. `prepare-data` stores it as one self-contained file
 (`tokenizer.json` in the data folder: the tokenizer plus its special tokens), which checkpoints copy.
-Text is encoded without added special tokens; documents are separated by the EOS token.
+Text is encoded without added special tokens, and special-token text inside a document (e.g. a
+literal `<|endoftext|>`) is encoded as plain text; documents are separated by the EOS id only.
 """
 
 from __future__ import annotations
@@ -165,6 +166,10 @@ class Tokenizer:
             else:
                 self.hf = _load_hf(self.path)
                 special = _hf_special_tokens(self.path.parent, self.hf)
+        # special-token text inside a document ("<|endoftext|>" in web text) is plain text, not a
+        # control token: documents are separated by the EOS id deepsuite appends, nothing else
+        if hasattr(self.hf, "encode_special_tokens"):
+            self.hf.encode_special_tokens = True
         for name in _SPECIAL:
             token = special.get(name)
             token_id = self.hf.token_to_id(token) if token else None

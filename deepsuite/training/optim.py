@@ -53,8 +53,8 @@ def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], flo
     """Multiplier of the peak LR for optimizer step `s` (0-based, `s < total_steps`).
 
     Warmup: step `s < warmup_steps` uses `(s + 1) / warmup_steps` (the last warmup step is at the
-    peak). Then cosine or linear decay reaching `min_lr_ratio` at the last step, `total_steps - 1`
-    (or constant)."""
+    peak; without warmup, step 0 is). Then cosine or linear decay reaching `min_lr_ratio` at the
+    last step, `total_steps - 1` (or constant)."""
     warmup = schedule.warmup_steps
     floor = schedule.min_lr_ratio
 
@@ -63,7 +63,9 @@ def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], flo
             return (step + 1) / warmup
         if schedule.decay == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup + 1) / max(1, total_steps - warmup))
+        # the last warmup step already ran at the peak; without warmup the first step does
+        done = step - warmup + 1 if warmup else step
+        progress = min(1.0, done / max(1, total_steps - warmup - (0 if warmup else 1)))
         if schedule.decay == "linear":
             return 1.0 - (1.0 - floor) * progress
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -529,6 +529,15 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring."""
     from tqdm.auto import tqdm
 
+    try:
+        return _train(cfg, resume, tqdm)
+    finally:
+        from deepsuite.parallel.dist import restore_torch_linear
+
+        restore_torch_linear()  # ZeRO-3 replaced torch.nn.functional.linear process-wide
+
+
+def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
     from deepsuite.training.metrics import MetricsLogger
 
     trainer = Trainer(cfg, resume=resume)
@@ -646,9 +655,6 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         stop.__exit__()
         bar.close()
         logger.close()
-        from deepsuite.parallel.dist import restore_torch_linear
-
-        restore_torch_linear()  # ZeRO-3 replaced torch.nn.functional.linear process-wide
     return result
 
 

@@ -181,3 +181,35 @@ def test_slurm_sbatch_runs_one_multinode_agent_per_node(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 nodes x 1 GPUs, rendezvous 127.0.0.1:" in out.stdout
     assert "world: 2 rank(s)" in out.stdout
+
+
+def test_sigusr1_to_one_agent_checkpoints_every_rank_and_resume_matches(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    """SLURM's early warning (`--signal=USR1@…`) reaching one node's torchrun agent: it forwards the
+    signal, both ranks stop after the same step and save it, the agents exit non-zero, and the
+    next launch resumes there and matches the uninterrupted run."""
+    run = tmp_path
+    procs = start_nodes(run, nnodes=2)
+    metrics = run / "log" / "metrics.jsonl"
+    signalled = None
+    deadline = time.time() + 300
+    while signalled is None and time.time() < deadline:
+        time.sleep(0.05)
+        if metrics.exists() and max(losses(run), default=0) >= 3:
+            os.kill(procs[0].pid, signal.SIGUSR1)  # node 0's agent only
+            signalled = max(losses(run))
+    assert signalled is not None and signalled < 25, "the run ended before it could be signalled"
+    codes = [p.wait(timeout=300) for p in procs]
+    assert all(code != 0 for code in codes), codes
+    latest = (run / "ckpt" / "latest").read_text().strip()
+    stopped_at = int(latest.removeprefix("step_"))
+    assert signalled <= stopped_at < 30
+    state = json.loads((run / "ckpt" / latest / "state.json").read_text())
+    assert state["world_size"] == 2 and (run / "ckpt" / latest / "rng" / "rank_00001.json").is_file()
+    assert "stopped: SIGUSR1 received: stopped after step" in (run / "node0.log").read_text()
+    wait(start_nodes(run, nnodes=2), run)  # resumes from the signal's checkpoint
+    resumed, ref = losses(run), losses(uninterrupted)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(stopped_at + 1, 31):
+        assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed[step], ref[step])

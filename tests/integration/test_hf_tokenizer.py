@@ -62,6 +62,9 @@ def test_ids_equal_transformers_fast_tokenizer(corpus: Path, tmp_path: Path) -> 
     assert ours.kind == "huggingface" and ours.eos_id == ref.eos_token_id
     assert ours.vocab_size == len(ref) and ours.bos_id == -1
     assert ours.decode([*ours.encode("the king"), ours.eos_id]) == "the king"  # special ids dropped
+    # special-token text inside a document is text, not a document boundary
+    literal = f"the king {EOS} the queen"
+    assert ours.eos_id not in ours.encode(literal) and ours.decode(ours.encode(literal)) == literal
 
 
 @pytest.mark.parametrize("eos_in", ["tokenizer_config", "config"])

@@ -47,8 +47,9 @@ def test_schedule_warmup_then_cosine_to_floor() -> None:
     assert f(59) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(109) == pytest.approx(0.1)  # the last step (training.steps - 1) is at the floor
     assert f(108) > 0.1 and f(500) == pytest.approx(0.1)
-    lin = lr_factor(load_config(None, ["schedule.decay=linear", "schedule.warmup_steps=0"]).schedule, 100)
-    assert lin(49) == pytest.approx(1 - 0.9 * 0.5) and lin(99) == pytest.approx(0.1)
+    lin = lr_factor(load_config(None, ["schedule.decay=linear", "schedule.warmup_steps=0"]).schedule, 101)
+    assert lin(0) == 1.0  # without warmup the first step runs at the peak
+    assert lin(50) == pytest.approx(1 - 0.9 * 0.5) and lin(100) == pytest.approx(0.1)
     const = lr_factor(load_config(None, ["schedule.decay=constant", "schedule.warmup_steps=0"]).schedule, 100)
     assert const(99) == 1.0
 
