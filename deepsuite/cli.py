@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -158,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "continue a prompt.",
     )
     p.add_argument(
-        "--checkpoint", required=True, metavar="DIR", help="run folder or step_N checkpoint folder"
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="run folder or step_N checkpoint folder, or a model folder (HF or deepsuite) holding its tokenizer",
     )
     p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
     p.add_argument(
@@ -264,10 +268,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--top-p={args.top_p} must be in (0, 1]; leave it out to turn nucleus sampling off"
         )
-    path = find_checkpoint(args.checkpoint)
-    model, state, _ = load_model_from_checkpoint(path)
+    folder = Path(args.checkpoint)
+    model: typing.Any
+    if (folder / "config.json").is_file() or (folder / "model.yaml").is_file():
+        # a model folder (HF or deepsuite): the model and the tokenizer stored beside it
+        from deepsuite.checkpoint.hf_io import load_model
+        from deepsuite.models.hf import load_hf
+
+        path = folder
+        model = load_hf(folder) if (folder / "config.json").is_file() else load_model(folder)
+        state: dict[str, object] = {}
+    else:
+        path = find_checkpoint(args.checkpoint)
+        model, state, _ = load_model_from_checkpoint(path)
     copies = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
-    tok = Tokenizer(copies[0] if copies else Path(state["tokenizer"]))
+    if not copies and not state.get("tokenizer"):
+        raise ConfigError(
+            f"{path} holds no tokenizer (tokenizer.model or tokenizer.json); export the model from its training "
+            "run (deepsuite convert ... copies the run's tokenizer) or copy the tokenizer into the folder"
+        )
+    tok = Tokenizer(copies[0] if copies else Path(str(state["tokenizer"])))
     if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
         raise ConfigError(
             f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "
@@ -350,6 +370,13 @@ def _checkpoint_to_consolidate(src: str, step: str | None) -> Path:
     if step is None:
         return find_checkpoint(root)
     name = step if step.startswith("step_") else f"step_{step}"
+    if (root / STATE_FILE).is_file():  # a step_N folder itself
+        if root.name == name:
+            return root
+        raise CheckpointError(
+            f"--step {step} picks a checkpoint inside a run folder, but {root} is itself a checkpoint "
+            f"({root.name}); pass the run folder {root.parent} with --step, or {root} without it"
+        )
     if not (root / name / STATE_FILE).is_file():
         have = [p.name for _, p in step_dirs(root) if (p / STATE_FILE).is_file()]
         raise CheckpointError(

@@ -45,7 +45,9 @@ def _load_source(path: Path) -> tuple[nn.Module, str]:
 def _architecture_mismatches(ours: Any, theirs: Any) -> list[str]:
     """``model.<field>=<ours> here, <theirs> in the source`` for every differing field."""
     if type(ours) is not type(theirs):
-        return [f"model family {type(ours).__name__} here, {type(theirs).__name__} in the source"]
+        names = {"GPTConfig": "gpt", "DeepSeekV3Config": "deepseek_v3"}
+        a, b = (names.get(type(c).__name__, type(c).__name__) for c in (ours, theirs))
+        return [f"model.name={a} here, {b} in the source"]
     out = []
     for f in dataclasses.fields(ours):
         if f.name in _TRAINING_ONLY_FIELDS:
@@ -54,6 +56,14 @@ def _architecture_mismatches(ours: Any, theirs: Any) -> list[str]:
         if a != b:
             out.append(f"model.{f.name}={a!r} here, {b!r} in the source")
     return out
+
+
+def missing_source_error(init_from: str) -> ConfigError:
+    """The error for a `checkpoint.init_from` path that does not exist."""
+    return ConfigError(
+        f"checkpoint.init_from={init_from!r} does not exist; give an HF folder, a deepsuite model folder "
+        "or a training run/step_N folder"
+    )
 
 
 def load_initial_weights(model: nn.Module, init_from: str) -> str:
@@ -66,10 +76,7 @@ def load_initial_weights(model: nn.Module, init_from: str) -> str:
     """
     path = Path(init_from)
     if not path.exists():
-        raise ConfigError(
-            f"checkpoint.init_from={init_from!r} does not exist; give an HF folder, a deepsuite model folder "
-            "or a training run/step_N folder"
-        )
+        raise missing_source_error(init_from)
     source, kind = _load_source(path)
     ours, theirs = getattr(model, "args", None), getattr(source, "args", None)
     if ours is None or theirs is None:

@@ -444,25 +444,44 @@ def find_flavor(name: str) -> ModelConfig:
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``deepsuite plan`` arguments (for cli.py)."""
     parser.add_argument(
-        "--model", default="deepseek-v3-671b", help="flavor name, e.g. deepseek-v3-671b, gpt2-xl"
+        "--model",
+        default="deepseek-v3-671b",
+        help="flavor name, e.g. deepseek-v3-671b, gpt2-xl (default deepseek-v3-671b; ignored with --config)",
     )
-    parser.add_argument("--config", default=None, help="a run YAML: its model, parallel and training values")
-    parser.add_argument("--nodes", type=int, default=None)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    parser.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
-    parser.add_argument("--ep", type=int, default=None, help="expert-parallel size")
-    parser.add_argument("--micro-batch", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument(
+        "--config", default=None, help="a run YAML: its model, parallel and training values are the defaults"
+    )
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default 32; 1 with --config)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument(
+        "--zero", type=int, default=None, help="ZeRO stage 0-3 (default: the config's, else 1)"
+    )
+    parser.add_argument(
+        "--ep", type=int, default=None, help="expert-parallel size (default: the config's, else 1)"
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="sequences per GPU pass (default: the config's, else 1)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: the config's, else 4096)"
+    )
     parser.add_argument(
         "--grad-accum",
         type=int,
         default=None,
         help="micro-batches accumulated per step (default: the config's, else 1)",
     )
-    parser.add_argument("--act-ckpt", action="store_true", help="activation checkpointing")
-    parser.add_argument("--offload-optimizer", action="store_true")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--act-ckpt", action="store_true", help="activation checkpointing (or the config's)")
+    parser.add_argument(
+        "--offload-optimizer", action="store_true", help="optimizer state on the CPU (or the config's)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="training dtype (default: the config's, else bf16)",
+    )
 
 
 def check_plan_arguments(ns: argparse.Namespace) -> None:

@@ -673,6 +673,9 @@ def dry_run(cfg: Config) -> str:
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
+    checks = _dry_run_checks(cfg, world)
+    if rank != 0:  # the layout was validated on this rank too; the report is rank 0's
+        return f"rank {rank}: config and layout OK"
     return (
         "# resolved config\n"
         + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
@@ -680,4 +683,51 @@ def dry_run(cfg: Config) -> str:
         + describe_layout(cfg, dims, layout, ds_config)
         + "\n# DeepSpeed config\n"
         + yaml.safe_dump(ds_config, sort_keys=False)
+        + "# run\n"
+        + "\n".join(checks)
     )
+
+
+def _dry_run_checks(cfg: Config, world_size: int) -> list[str]:
+    """What `train` checks before building anything, without building: the prepared data against
+    the model's vocabulary, the checkpoint it would resume from (and whether it fits), and the
+    `checkpoint.init_from` source. Raises the same errors `train` would; returns report lines."""
+    from deepsuite.checkpoint.manager import check_compatible, resolve_resume, verify_checkpoint
+    from deepsuite.data import read_meta
+
+    lines = []
+    data_dir = Path(cfg.data.out_dir)
+    if (data_dir / "meta.json").is_file():
+        meta = read_meta(data_dir)
+        vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
+        if vocab is not None and vocab < meta["vocab_size"]:
+            raise ConfigError(
+                f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "
+                f"(in {data_dir}); set model.vocab_size={meta['vocab_size']}"
+            )
+        lines.append(
+            f"data: {data_dir} ({meta['splits']['train']['tokens']:,} train tokens, vocab {meta['vocab_size']})"
+        )
+    else:
+        lines.append(
+            f"data: {data_dir} is not prepared yet (deepsuite prepare-data --config ... before training)"
+        )
+    resume_from = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+    if resume_from is not None:
+        state = verify_checkpoint(resume_from)
+        check_compatible(state, cfg, resume_from, world_size)
+        lines.append(f"would resume from {resume_from} (step {state['step']})")
+    else:
+        lines.append("starts at step 0")
+    if cfg.checkpoint.init_from:
+        if resume_from is not None:
+            lines.append("checkpoint.init_from ignored: the run resumes")
+        elif not Path(cfg.checkpoint.init_from).exists():
+            from deepsuite.checkpoint.init_from import missing_source_error
+
+            raise missing_source_error(cfg.checkpoint.init_from)
+        else:
+            lines.append(
+                f"initialised from {cfg.checkpoint.init_from} (architecture checked when training starts)"
+            )
+    return lines

@@ -286,3 +286,66 @@ def test_non_finite_loss_stops_without_checkpoint(
         code=3,
     )
     assert nothing_written(run_dir) and not (run_dir / "latest").exists()
+
+
+def test_dry_run_checks_what_training_would_refuse(
+    capsys: pytest.CaptureFixture[str], tiny_data: Path, finished: Path, tmp_path: Path
+) -> None:
+    """`--dry-run` runs the checks `train` makes before building: data vs vocabulary, the
+    checkpoint it would resume from, the init_from source; and says what the run would do."""
+    dry = ["--dry-run"]
+    fails(
+        capsys,
+        [*train_argv(tiny_data, tmp_path / "a", model__vocab_size=100), *dry],
+        r"model.vocab_size=100 is smaller",
+    )
+    fails(
+        capsys,
+        [*train_argv(tiny_data, tmp_path / "b", checkpoint__init_from=tmp_path / "no"), *dry],
+        r"does not exist",
+    )
+    fails(
+        capsys,
+        [*train_argv(tiny_data, tmp_path / "c", checkpoint__resume="maybe"), *dry],
+        r"'maybe' does not exist",
+    )
+    fails(capsys, [*train_argv(tiny_data, finished, model__n_layers=3), *dry], r"model.n_layers")
+    capsys.readouterr()
+    assert main([*train_argv(tiny_data, finished, training__steps=8), *dry]) == 0
+    out = capsys.readouterr().out
+    assert f"would resume from {finished / 'step_4'} (step 4)" in out and "train tokens" in out
+    assert main([*train_argv(tiny_data, tmp_path / "d", checkpoint__init_from=finished), *dry]) == 0
+    assert "starts at step 0" in (out := capsys.readouterr().out) and f"initialised from {finished}" in out
+
+
+def test_consolidate_step_on_a_step_folder_says_what_to_pass(
+    capsys: pytest.CaptureFixture[str], finished: Path, tmp_path: Path
+) -> None:
+    step = finished / "step_4"
+    fails(
+        capsys,
+        ["consolidate", str(step), str(tmp_path / "o"), "--step", "2"],
+        r"is itself a checkpoint \(step_4\)",
+    )
+    assert main(["consolidate", str(step), str(tmp_path / "o"), "--step", "4"]) == 0  # the same one: fine
+
+
+def test_generate_from_a_model_folder_without_tokenizer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from deepsuite.checkpoint.hf_io import save_model
+    from deepsuite.models import build_model
+
+    save_model(build_model(name="gpt", flavor="gpt2-debug"), tmp_path / "m")
+    fails(capsys, ["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "x"], r"holds no tokenizer")
+
+
+def test_init_from_another_family_names_model_name(tiny_data: Path, finished: Path, tmp_path: Path) -> None:
+    from conftest import TINY_DEEPSEEK
+
+    from deepsuite.config import ConfigError, load_config
+    from deepsuite.training.trainer import train
+
+    argv = train_argv(tiny_data, tmp_path / "r", checkpoint__init_from=finished, **TINY_DEEPSEEK)[1:]
+    with pytest.raises(ConfigError, match=r"model\.name=deepseek_v3 here, gpt in the source"):
+        train(load_config(None, argv))
