@@ -13,12 +13,13 @@ import importlib
 import math
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from deepsuite.config.errors import ConfigError
+from deepsuite.config.errors import ConfigError, ConfigWarning
 from deepsuite.config.schema import SECTIONS, Config, ModelConfig
 
 # Family name -> torch-free module exposing ARGS_CLASS (a dataclass with validate()) and FLAVORS.
@@ -149,8 +150,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}={raw!r} is not a valid YAML value: {exc}") from None
+        raise ConfigError(
+            f"override {key}={raw!r} is not a valid YAML value ({_yaml_problem(exc, 'column')})"
+        ) from None
     return key.split("."), value
+
+
+def _yaml_problem(exc: yaml.YAMLError, where: str = "line") -> str:
+    """One line for a YAML syntax error: `line L, column C: problem (while ...)`, 1-based.
+
+    `where="column"` leaves the line out (for a one-line override value)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    mark = exc.problem_mark
+    problem = exc.problem or exc.context or "syntax error"
+    if mark is None:
+        text = problem
+    elif where == "column":
+        text = f"column {mark.column + 1}: {problem}"
+    else:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if exc.problem and exc.context:
+        start = exc.context_mark
+        at = (
+            f" that starts at line {start.line + 1}, column {start.column + 1}"
+            if start and where == "line"
+            else ""
+        )
+        text += f" ({exc.context}{at})"
+    return text
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -164,8 +192,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"{p}: YAML tag refused ({exc.problem}); config files hold plain values only"
         ) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML at {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}; save it as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -348,6 +378,30 @@ def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
 _MISSING = object()
 
 
+def _check_warmup(cfg: Config) -> None:
+    """Warn (once per message, Python's default filter) when the schedule cannot finish.
+
+    With `training.steps <= schedule.warmup_steps` the LR stops part-way up the warmup or at the
+    peak and never decays to `min_lr_ratio`. Only a warning: short smoke runs (1-2 steps with a
+    warmup of 2, as the integration tests use) are deliberate."""
+    steps, warmup, decay = cfg.training.steps, cfg.schedule.warmup_steps, cfg.schedule.decay
+    if steps < warmup:
+        peak = steps / warmup
+        what = f"the learning rate never reaches its peak (it stops at {peak:.0%} of optim.lr)"
+        if decay != "constant":
+            what += " and never decays to schedule.min_lr_ratio"
+    elif steps == warmup and warmup and decay != "constant":
+        what = "the learning rate reaches its peak on the last step and never decays to schedule.min_lr_ratio"
+    else:
+        return
+    warnings.warn(
+        f"training.steps={steps} <= schedule.warmup_steps={warmup}: {what}; lower schedule.warmup_steps "
+        f"below training.steps (e.g. schedule.warmup_steps={max(steps // 10, 0)}) or raise training.steps",
+        ConfigWarning,
+        stacklevel=2,
+    )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; model sizes are checked by the family's args `validate()`."""
     resolve_model_args(cfg.model)
@@ -391,6 +445,7 @@ def validate(cfg: Config) -> None:
     s = cfg.schedule
     _positive("schedule.warmup_steps", s.warmup_steps, strict=False)
     _fraction("schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+    _check_warmup(cfg)
     d = cfg.data
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1), e.g. 0.05")
@@ -411,7 +466,14 @@ def validate(cfg: Config) -> None:
     check_deepspeed_passthrough(p.deepspeed)
     args = resolve_model_args(cfg.model)
     n_experts = getattr(args, "n_routed_experts", 0)
-    if p.ep_size > 1 and (not n_experts or n_experts % p.ep_size):
+    if p.ep_size > 1 and not n_experts:
+        has = "model.n_routed_experts=0" if hasattr(args, "n_routed_experts") else "no routed experts"
+        raise ConfigError(
+            f"parallel.ep_size={p.ep_size} needs a Mixture-of-Experts model, but model.name={cfg.model.name} "
+            f"has {has}; expert parallelism only applies to model.name=deepseek_v3 with routed experts, "
+            "so set parallel.ep_size=1"
+        )
+    if p.ep_size > 1 and n_experts % p.ep_size:
         raise ConfigError(
             f"parallel.ep_size={p.ep_size} does not divide model.n_routed_experts={n_experts}; "
             "pick an ep_size that divides the number of routed experts"

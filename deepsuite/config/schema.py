@@ -84,7 +84,7 @@ class ScheduleConfig:
     """Learning-rate schedule: linear warmup, then decay (torch.optim.lr_scheduler)."""
 
     warmup_steps: int = 20
-    """Steps of linear warmup: step s (0-based) uses (s + 1) / warmup_steps of the peak learning rate."""
+    """Steps of linear warmup: step s (0-based) uses (s + 1) / warmup_steps of the peak learning rate. Keep it below `training.steps` (a warning says so otherwise), or the rate never decays."""
 
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the decay after warmup."""
@@ -122,7 +122,7 @@ class TrainingConfig:
     """Seed for initialisation and every random number generator."""
 
     eval_every: int = 100
-    """Evaluate on the validation split every N steps (0 = only at the end)."""
+    """Validation runs before the first step of a fresh run (step 0), after every step that is a multiple of N, and after the last step (`training.steps`); 0 = only at step 0 and after the last step. A run cut short by `max_steps_per_run` evaluates at its end only on a multiple of N."""
 
     eval_batches: int = 8
     """Micro-batches per evaluation."""

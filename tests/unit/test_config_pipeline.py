@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from deepsuite.config import ConfigError, load_config
+from deepsuite.config.errors import ConfigWarning
 from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
 from deepsuite.parallel.dist import ParallelDims
 
@@ -29,7 +31,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)  # a shipped config needs no warning either
+        cfg = load_config(path)
     assert cfg.training.steps > 0
     build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
 
@@ -293,3 +297,90 @@ def test_resumed_wandb_run_continues_the_same_run(monkeypatch: pytest.MonkeyPatc
     MetricsLogger(cfg, enabled=True).close()  # a fresh run in the same folder: a new wandb run
     assert inits[2].get("id") != first
     assert id_file.read_text().strip() == inits[2]["id"]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "training:\n  steps: 3\n bad: x\n",
+            r"line 3, column 2: expected <block end>, but found '<block mapping start>'",
+        ),
+        ("training: {steps: 3\n", r"line 2, column 1: expected ',' or '\}', but got '<stream end>'"),
+        ("training:\n  steps: a: b\n", r"line 2, column 11: mapping values are not allowed here"),
+    ],
+)
+def test_bad_yaml_names_the_problem_and_its_line(tmp_path: Path, text: str, where: str) -> None:
+    """A YAML syntax error says what is wrong and where (1-based line and column), on one line."""
+    f = tmp_path / "bad2.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"bad2.yaml: not valid YAML at {where}") as info:
+        load_config(f)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_override_value_is_one_line_with_its_column() -> None:
+    with pytest.raises(
+        ConfigError, match=r"override training.steps='\[1' is not a valid YAML value \(column 3: "
+    ) as info:
+        load_config(None, ["training.steps=[1"])
+    assert "\n" not in str(info.value)
+
+
+def test_expert_parallel_on_a_dense_model_asks_for_moe() -> None:
+    """ep_size > 1 on a model without routed experts names MoE and the fix, not a divisibility rule."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["parallel.ep_size=2"])  # the default model is a GPT
+    message = str(info.value)
+    assert "needs a Mixture-of-Experts model" in message and "model.name=deepseek_v3" in message
+    assert "set parallel.ep_size=1" in message and "does not divide" not in message
+    # a MoE model whose expert count ep_size does not divide still gets the divisibility message
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=3 does not divide model.n_routed_experts=8"):
+        load_config(None, ["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "parallel.ep_size=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["training.steps=20", "schedule.warmup_steps=40"], r"never reaches its peak"),
+        (["training.steps=2", "schedule.warmup_steps=2"], r"never decays to schedule.min_lr_ratio"),
+        (
+            ["training.steps=1", "schedule.warmup_steps=2", "schedule.decay=constant"],
+            r"never reaches its peak",
+        ),
+    ],
+)
+def test_warmup_not_shorter_than_training_warns(overrides: list[str], fragment: str) -> None:
+    """training.steps <= schedule.warmup_steps is a loud warning naming both keys and the fix (not an
+    error: the tiny integration runs train 1-2 steps with schedule.warmup_steps=2 on purpose)."""
+    with pytest.warns(ConfigWarning, match=fragment) as record:
+        load_config(None, overrides)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "training.steps=" in message and "schedule.warmup_steps=" in message
+    assert "lower schedule.warmup_steps below training.steps" in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["training.steps=41", "schedule.warmup_steps=40"],
+        ["training.steps=40", "schedule.warmup_steps=40", "schedule.decay=constant"],
+        ["training.steps=1", "schedule.warmup_steps=0"],
+    ],
+)
+def test_a_schedule_that_completes_does_not_warn(overrides: list[str]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config(None, overrides)
+
+
+def test_eval_every_docstring_says_when_validation_runs() -> None:
+    """Validation runs before the first step of a fresh run, every eval_every steps and after the
+    last step (trainer._train); the docstring used to claim 0 meant "only at the end"."""
+    from deepsuite.config.docs import field_docs
+    from deepsuite.config.schema import TrainingConfig
+
+    doc = field_docs(TrainingConfig)["eval_every"]
+    assert "only at the end" not in doc
+    assert "step 0" in doc and "training.steps" in doc
