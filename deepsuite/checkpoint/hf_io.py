@@ -2,8 +2,9 @@
 native folder (model.yaml + model.safetensors with deepsuite key names).
 
 Writes are atomic: everything goes into a temporary folder next to the target, which is renamed into
-place only when complete (files and folder fsynced, mode set from the umask), so a crash never leaves a
-half-written folder. Only safetensors are read; pickled ``pytorch_model.bin`` files are refused
+place only when complete (files and folders fsynced, their modes set from the umask as ``open`` and
+``mkdir`` would), so a crash never leaves a half-written folder. A model that came from a training
+checkpoint carries the run's tokenizer (``source_tokenizer``), which is written into the same folder. Only safetensors are read; pickled ``pytorch_model.bin`` files are refused
 (unpickling runs arbitrary code). Whatever is wrong with a folder being read (truncated or corrupt
 files, bad JSON/YAML, dangling aliases) raises `CheckpointFormatError` naming the file.
 
@@ -34,6 +35,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 MODEL_YAML = "model.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+"""Names of the tokenizer file a deepsuite folder or training checkpoint may hold."""
+SOURCE_TOKENIZER_ATTR = "source_tokenizer"
+"""Attribute of a model loaded from a training checkpoint: the checkpoint's tokenizer file (or None)."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _ALIASES_KEY = "deepsuite.aliases"
 _T = TypeVar("_T")
@@ -73,14 +78,28 @@ def _fsync_parent(path: Path) -> None:
     _fsync_dir(path.parent)  # makes the rename itself durable
 
 
+def _chmod_tree(folder: Path, umask: int) -> None:
+    """Give ``folder``, the folders and the files under it the modes ``mkdir``/``open`` give under ``umask``."""
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~umask)
+        elif p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
 
     A non-empty existing ``target`` is replaced only with ``overwrite=True``; on any error the
-    temporary folder is removed and ``target`` is left as it was. Before the rename the folder gets
-    the mode a plain ``mkdir`` would give it (``0o777 & ~umask``, not ``mkdtemp``'s 0700) and every
-    file in it and the folder itself are fsynced; the parent folder is fsynced after the rename.
+    temporary folder is removed and ``target`` is left as it was. Before the rename the folder (and
+    every folder in it) gets the mode a plain ``mkdir`` would give it (``0o777 & ~umask``, not
+    ``mkdtemp``'s 0700), every file in it the mode a plain ``open`` would (``0o666 & ~umask``: writers
+    such as safetensors create 0600 files), and every file and folder is fsynced; the parent folder
+    is fsynced after the rename.
     """
     target = Path(target)
     if target.exists():
@@ -92,7 +111,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _chmod_tree(tmp, _umask())
         _sync_tree(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -197,12 +216,33 @@ def write_hf_folder(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Atomically write an HF model folder: ``config.json`` + safetensors (sharded above ``max_shard_bytes``)."""
+    """Atomically write an HF model folder: ``config.json`` + safetensors (sharded above ``max_shard_bytes``).
+
+    With ``tokenizer`` (a SentencePiece model, deepsuite's bundle of an HF tokenizer or an HF
+    tokenizer), the folder also gets it as transformers reads it (``tokenizer.json`` or
+    ``tokenizer.model``, plus ``tokenizer_config.json``) and ``config.json`` its special ids.
+    """
     with atomic_dir(path, overwrite=overwrite) as tmp:
+        if tokenizer is not None:
+            from deepsuite.data.tokenizer import export_hf_tokenizer
+
+            config = {**config, **export_hf_tokenizer(tokenizer, tmp)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tmp, tensors, max_shard_bytes)
     return Path(path)
+
+
+def folder_tokenizer(folder: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer file a deepsuite folder holds (``tokenizer.json`` or ``tokenizer.model``), or None."""
+    return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)
+
+
+def source_tokenizer(model: nn.Module) -> Path | None:
+    """The tokenizer file ``model`` was loaded with (set by ``load_model_from_checkpoint``), or None."""
+    value = getattr(model, SOURCE_TOKENIZER_ATTR, None)
+    return Path(value) if isinstance(value, (str, os.PathLike)) else None
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -385,18 +425,29 @@ def save_model(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``model`` as a deepsuite folder: ``model.yaml`` ({name, args}) + safetensors with
-    deepsuite key names (tied weights stored once)."""
+    deepsuite key names (tied weights stored once), and its tokenizer when there is one.
+
+    ``tokenizer`` (default: the checkpoint's tokenizer of a model loaded from one) is stored as
+    deepsuite keeps it: ``tokenizer.model`` or ``tokenizer.json`` (a bundle; an HF tokenizer is bundled).
+    """
     from deepsuite.models.hf import model_family, unwrap_model
 
     model = unwrap_model(model)
+    if tokenizer is None:
+        tokenizer = source_tokenizer(model)
     name = model_family(model)
     args = model.args
     spec = {"name": name, "args": dataclasses.asdict(args)}  # type: ignore[call-overload]
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / MODEL_YAML).write_text(yaml.safe_dump(spec, sort_keys=False))
         write_safetensors(tmp, model.state_dict(), max_shard_bytes)
+        if tokenizer is not None:
+            from deepsuite.data.tokenizer import store_tokenizer
+
+            store_tokenizer(tokenizer, tmp)
     return Path(path)
 
 

@@ -286,6 +286,18 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise CheckpointError(f"no checkpoint in {str(p)!r} (no `latest` and no complete step_N folder)")
 
 
+def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer file a checkpoint holds (its copy of the data folder's ``tokenizer.json`` or
+    ``tokenizer.model``), from a step folder or a run folder; None when it holds none."""
+    p = find_checkpoint(path)
+    names = ["tokenizer.json", "tokenizer.model"]
+    if (p / STATE_FILE).is_file():
+        recorded = str(read_state(p).get("tokenizer") or "")
+        if recorded:
+            names.insert(0, Path(recorded).name)  # the name the copy was saved under
+    return next((p / name for name in names if (p / name).is_file()), None)
+
+
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike[str]) -> Path | None:
     """`checkpoint.resume` → the folder to load: `never` → None; `auto` → the newest complete
     checkpoint in `ckpt_dir` or None when there is none; otherwise the path given."""
@@ -564,7 +576,7 @@ def load_model_from_checkpoint(
     path: str | os.PathLike[str], device: str = "cpu"
 ) -> tuple[Any, dict[str, Any], Config]:
     """(model with the checkpoint's weights in fp32, state, run config) — for generation and conversion."""
-    from deepsuite.checkpoint.hf_io import load_state_dict_strict
+    from deepsuite.checkpoint.hf_io import SOURCE_TOKENIZER_ATTR, load_state_dict_strict
     from deepsuite.models.registry import build_model
 
     p = find_checkpoint(path)
@@ -574,4 +586,6 @@ def load_model_from_checkpoint(
     sd = consolidated_state_dict(p, state)
     load_state_dict_strict(model, sd, source=str(p))
     model.eval()
+    # the run's tokenizer travels with the weights: save_hf/save_model export it beside them
+    setattr(model, SOURCE_TOKENIZER_ATTR, checkpoint_tokenizer(p))
     return model, state, cfg

@@ -316,3 +316,91 @@ def vocab_size_error(msg: str, vocab_size: int) -> DataError:
             f"data.vocab_size={vocab_size} does not suit this corpus ({msg}); change data.vocab_size"
         )
     return DataError(f"tokenizer training failed: {msg}")
+
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""Name of the transformers file that names a tokenizer's class and special tokens."""
+SENTENCEPIECE_FILE = "tokenizer.model"
+"""Name under which a SentencePiece model is stored (data folders, checkpoints, model folders)."""
+
+
+def _is_bundle(path: Path) -> bool:
+    if not (path.is_file() and path.suffix == ".json"):
+        return False
+    data = _read_json(path)
+    return isinstance(data, dict) and data.get("format") == _BUNDLE_FORMAT
+
+
+def store_tokenizer(src: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
+    """Put the tokenizer ``src`` into ``folder`` as deepsuite keeps one (in data folders and
+    checkpoints): a SentencePiece model is copied as ``tokenizer.model``, deepsuite's bundle is copied
+    as is, and a Hugging Face tokenizer (a folder with ``tokenizer.json`` or that file) is bundled
+    into ``tokenizer.json`` with its special tokens. Returns the file written; raises `DataError`
+    when ``src`` does not load."""
+    import shutil
+
+    source = Path(src)
+    tok = Tokenizer(source)  # validates it
+    if tok.kind == "sentencepiece":
+        dst = Path(folder) / SENTENCEPIECE_FILE
+        shutil.copyfile(source, dst)
+    elif _is_bundle(source):
+        dst = Path(folder) / HF_TOKENIZER_FILE
+        shutil.copyfile(source, dst)
+    else:
+        dst = Path(folder) / HF_TOKENIZER_FILE
+        bundle_hf_tokenizer(source, dst)
+    return dst
+
+
+def _hf_tokenizer_text(path: Path) -> str:
+    """The plain ``tokenizer.json`` text of a Hugging Face tokenizer folder, file or deepsuite bundle."""
+    if path.is_dir():
+        return (path / HF_TOKENIZER_FILE).read_text(encoding="utf-8")
+    data = _read_json(path)
+    if isinstance(data, dict) and data.get("format") == _BUNDLE_FORMAT:
+        return json.dumps(data["tokenizer"], ensure_ascii=False) + "\n"
+    return path.read_text(encoding="utf-8")
+
+
+def export_hf_tokenizer(src: str | os.PathLike[str], folder: str | os.PathLike[str]) -> dict[str, int]:
+    """Write the tokenizer ``src`` into the HF model folder ``folder`` the way transformers'
+    ``AutoTokenizer`` reads it, and return the special ids for its ``config.json``
+    (``eos_token_id``, ``bos_token_id``, ``pad_token_id``: those the tokenizer defines).
+
+    A Hugging Face tokenizer (deepsuite's bundle included) becomes a plain ``tokenizer.json`` plus a
+    ``tokenizer_config.json`` (``PreTrainedTokenizerFast`` with its special tokens); a SentencePiece
+    model is copied as ``tokenizer.model`` with a ``tokenizer_config.json`` naming its special pieces
+    (``LlamaTokenizerFast`` set to add nothing, as deepsuite encodes). Either way transformers encodes
+    text to deepsuite's ids, except special-token text inside a document, which it reads as the
+    special token. Raises `DataError` when ``src`` does not load.
+    """
+    import shutil
+
+    out = Path(folder)
+    tok = Tokenizer(src)
+    ids = {name: tok._special_id(name) for name in _SPECIAL}
+    config: dict[str, Any] = {}
+    if tok.kind == "huggingface":
+        (out / HF_TOKENIZER_FILE).write_text(_hf_tokenizer_text(tok.path), encoding="utf-8")
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokens = {name: tok.hf.id_to_token(i) for name, i in ids.items() if i >= 0}
+    else:
+        shutil.copyfile(tok.path, out / SENTENCEPIECE_FILE)
+        # transformers' SentencePiece tokenizer, told to encode as deepsuite does: nothing added, no
+        # dummy prefix (deepsuite's models are trained with add_dummy_prefix=False)
+        config.update(
+            tokenizer_class="LlamaTokenizerFast",
+            add_bos_token=False,
+            add_eos_token=False,
+            add_prefix_space=False,
+            legacy=False,
+        )
+        tokens = {name: str(tok.sp.IdToPiece(i)) for name, i in ids.items() if i >= 0}
+    for name in ("bos", "eos", "unk", "pad"):
+        if tokens.get(name):
+            config[f"{name}_token"] = tokens[name]
+    (out / TOKENIZER_CONFIG_FILE).write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return {f"{name}_token_id": ids[name] for name in ("eos", "bos", "pad") if ids[name] >= 0}

@@ -21,6 +21,7 @@ from deepsuite.checkpoint.hf_io import (
     load_state_dict_strict,
     materialize,
     read_hf_folder,
+    source_tokenizer,
     write_hf_folder,
 )
 from deepsuite.config.errors import ConfigError
@@ -127,9 +128,16 @@ def save_hf(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write ``model`` as an HF folder that transformers' ``from_pretrained`` reads (atomically)."""
+    """Write ``model`` as an HF folder that transformers' ``from_pretrained`` reads (atomically).
+
+    ``tokenizer`` (default: the checkpoint's tokenizer of a model loaded from one) is written too, as
+    ``AutoTokenizer.from_pretrained`` reads it, and its special ids go into ``config.json``.
+    """
     model = unwrap_model(model)
+    if tokenizer is None:
+        tokenizer = source_tokenizer(model)
     spec = get_model_spec(model_family(model))
     adapter = spec.adapter()
     args = model.args
@@ -138,4 +146,6 @@ def save_hf(
     dtype_name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     config["torch_dtype"] = config["dtype"] = dtype_name
     state_dict = adapter.state_dict_to_hf(model.state_dict(), args)
-    return write_hf_folder(path, config, state_dict, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return write_hf_folder(
+        path, config, state_dict, max_shard_bytes=max_shard_bytes, overwrite=overwrite, tokenizer=tokenizer
+    )

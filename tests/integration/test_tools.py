@@ -134,7 +134,8 @@ def test_consolidate_gpt_zero0_to_hf_with_the_tool(
     out = tmp_path / "hf"
     proc = tool("consolidate_zero.py", str(runs["gpt"]), str(out))  # latest, --format hf by default
     assert "step 4" in proc.stdout and "ZeRO-0" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    names = sorted(p.name for p in out.iterdir())  # the run's tokenizer travels with the weights
+    assert names == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     adapter = get_model_spec("gpt").adapter()
     assert_same_tensors(read_safetensors(out), adapter.state_dict_to_hf(model.state_dict(), model.args))
 
@@ -149,7 +150,7 @@ def test_consolidate_deepseek_zero2_to_deepsuite_with_the_subcommand(
     out = tmp_path / "ds"
     proc = tool("consolidate", str(run), str(out), "--format", "deepsuite", "--step", "4")
     assert "step 4" in proc.stdout and "ZeRO-2" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml", "tokenizer.model"]
     weights = read_safetensors(out)
     assert_same_tensors(weights, model.state_dict())
     # independent of DeepSpeed's zero_to_fp32: under ZeRO-2 in fp32 the engine's module copy is the

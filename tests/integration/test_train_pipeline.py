@@ -304,3 +304,23 @@ def test_sigterm_checkpoints_and_stops_then_resume_is_exact(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
     assert main(argv) == 0
     assert losses(tmp_path) == losses(straight[0])
+
+
+def test_generate_from_exported_folders_equals_the_run(
+    straight: tuple[Path, TrainResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The HF and deepsuite folders exported from a run carry its tokenizer: greedy samples from
+    them equal the run's own."""
+    from deepsuite.cli import main
+
+    run_dir, _ = straight
+    gen = ["--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), *gen]) == 0
+    expected = capsys.readouterr().out
+    assert main(["convert", "deepsuite-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert main(["consolidate", str(run_dir), str(tmp_path / "ds"), "--format", "deepsuite"]) == 0
+    for folder in ("hf", "ds"):
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(tmp_path / folder), *gen]) == 0
+        assert capsys.readouterr().out == expected, folder
