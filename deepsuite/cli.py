@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare-data",
         help="tokenize a corpus into packed token shards",
-        description="Read data.source, split documents into train/val, train (or load) the SentencePiece "
-        "tokenizer and write token shards + meta.json into data.out_dir.",
+        description="Read data.source, split documents into train/val, train a byte-fallback BPE tokenizer "
+        "(SentencePiece) or load data.tokenizer (a SentencePiece .model, or a Hugging Face tokenizer.json / model "
+        "folder), and write token shards + meta.json into data.out_dir.",
         epilog=_EPILOG_OVERRIDES,
     )
     _add_config(p)

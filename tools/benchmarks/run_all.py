@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems) to run")
     parser.add_argument("--device", default="cpu", help="device for benchmarks that take one (default cpu)")
     parser.add_argument(
-        "--out", default=None, help="results JSON (default tools/benchmarks/results/<device>.json)"
+        "--out",
+        default=None,
+        help="results JSON (default tools/benchmarks/results/<device>.json; <device>_quick[_NAMES].json for "
+        "--quick / --only runs)",
     )
     args = parser.parse_args()
 
@@ -98,7 +101,10 @@ def main() -> None:
         rows.append({"benchmark": name, "status": status, "seconds": seconds, "summary": summary})
     print()
     print_table(rows, ["benchmark", "status", "seconds", "summary"])
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{args.device}.json"
+    # a --quick or --only run does not overwrite the full run's results
+    partial = "_quick" if args.quick else ""
+    partial += "_" + "_".join(args.only) if args.only else ""
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{args.device}{partial}.json"
     write_json(results, out)
     print(f"\nwrote {out}")
     if any(r["status"] == "error" for r in rows) and len(rows) == sum(r["status"] == "error" for r in rows):
