@@ -30,7 +30,9 @@ checked against the bf16 copy (DeepSpeed writes the module as the master rounded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -568,8 +570,11 @@ def consolidated_state_dict(path: Path, state: dict[str, Any]) -> dict[str, Any]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's consolidation unpickles freely; verify_checkpoint() has already proven every
-    # file loads with the weights-only unpickler.
-    return stack_te_expert_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
+    # file loads with the weights-only unpickler. Its progress prints ("Processing zero checkpoint
+    # ...") would land in the output of `generate` / `convert`: kept out of stdout.
+    with contextlib.redirect_stdout(io.StringIO()):
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+    return stack_te_expert_state_dict(state_dict)
 
 
 def load_model_from_checkpoint(
