@@ -224,13 +224,6 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_train(args: argparse.Namespace) -> int:
     """`deepsuite train`."""
     cfg = _config(args)
-    if args.dry_run:
-        from deepsuite.training.trainer import dry_run
-
-        print(dry_run(cfg))
-        return 0
-    from deepsuite.training.trainer import train
-
     resume = None
     if args.resume:
         from deepsuite.checkpoint.manager import CheckpointError, find_checkpoint
@@ -240,6 +233,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume = str(find_checkpoint(path))
         except CheckpointError as exc:
             raise CheckpointError(f"--resume: {exc}") from None
+    if args.dry_run:
+        from deepsuite.training.trainer import dry_run
+
+        print(dry_run(cfg, resume=resume))
+        return 0
+    from deepsuite.training.trainer import train
+
     train(cfg, resume=resume)  # the process group is left to the atexit handler of init_distributed
     return 0
 
@@ -390,7 +390,7 @@ def _checkpoint_to_consolidate(src: str, step: str | None) -> Path:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     """`deepsuite consolidate`."""
     from deepsuite.checkpoint.hf_io import save_model
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.checkpoint.manager import checkpoint_tokenizer, load_model_from_checkpoint
     from deepsuite.models.hf import save_hf
 
     path = _checkpoint_to_consolidate(args.src, args.step)
@@ -402,7 +402,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     model, state, _ = load_model_from_checkpoint(path)  # verified, then consolidated (any ZeRO stage, EP)
     save = save_hf if args.format == "hf" else save_model
     try:
-        out = save(model, args.dst, overwrite=args.overwrite)
+        out = save(model, args.dst, overwrite=args.overwrite, tokenizer=checkpoint_tokenizer(path))
     except FileExistsError as exc:
         from deepsuite.config import ConfigError
 

@@ -3,8 +3,9 @@ native folder (model.yaml + model.safetensors with deepsuite key names).
 
 Writes are atomic: everything goes into a temporary folder next to the target, which is renamed into
 place only when complete (files and folders fsynced, their modes set from the umask as ``open`` and
-``mkdir`` would), so a crash never leaves a half-written folder. A model that came from a training
-checkpoint carries the run's tokenizer (``source_tokenizer``), which is written into the same folder. Only safetensors are read; pickled ``pytorch_model.bin`` files are refused
+``mkdir`` would), so a crash never leaves a half-written folder. A tokenizer passed to the writers
+(the run's, when exporting a training checkpoint) goes into the same folder. Only safetensors are
+read; pickled ``pytorch_model.bin`` files are refused
 (unpickling runs arbitrary code). Whatever is wrong with a folder being read (truncated or corrupt
 files, bad JSON/YAML, dangling aliases) raises `CheckpointFormatError` naming the file.
 
@@ -37,7 +38,6 @@ CONFIG_FILE = "config.json"
 MODEL_YAML = "model.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 """Names of the tokenizer file a deepsuite folder or training checkpoint may hold."""
-SOURCE_TOKENIZER_ATTR = "source_tokenizer"
 """Attribute of a model loaded from a training checkpoint: the checkpoint's tokenizer file (or None)."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _ALIASES_KEY = "deepsuite.aliases"
@@ -239,12 +239,6 @@ def folder_tokenizer(folder: str | os.PathLike[str]) -> Path | None:
     return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)
 
 
-def source_tokenizer(model: nn.Module) -> Path | None:
-    """The tokenizer file ``model`` was loaded with (set by ``load_model_from_checkpoint``), or None."""
-    value = getattr(model, SOURCE_TOKENIZER_ATTR, None)
-    return Path(value) if isinstance(value, (str, os.PathLike)) else None
-
-
 # ----------------------------------------------------------------------------------------- reading
 
 
@@ -430,14 +424,12 @@ def save_model(
     """Write ``model`` as a deepsuite folder: ``model.yaml`` ({name, args}) + safetensors with
     deepsuite key names (tied weights stored once), and its tokenizer when there is one.
 
-    ``tokenizer`` (default: the checkpoint's tokenizer of a model loaded from one) is stored as
-    deepsuite keeps it: ``tokenizer.model`` or ``tokenizer.json`` (a bundle; an HF tokenizer is bundled).
+    ``tokenizer`` (a tokenizer file, e.g. `checkpoint.manager.checkpoint_tokenizer` of the source
+    checkpoint; None: no tokenizer) is stored as deepsuite keeps it: ``tokenizer.model`` or ``tokenizer.json`` (a bundle; an HF tokenizer is bundled).
     """
     from deepsuite.models.hf import model_family, unwrap_model
 
     model = unwrap_model(model)
-    if tokenizer is None:
-        tokenizer = source_tokenizer(model)
     name = model_family(model)
     args = model.args
     spec = {"name": name, "args": dataclasses.asdict(args)}  # type: ignore[call-overload]

@@ -581,7 +581,7 @@ def load_model_from_checkpoint(
     path: str | os.PathLike[str], device: str = "cpu"
 ) -> tuple[Any, dict[str, Any], Config]:
     """(model with the checkpoint's weights in fp32, state, run config) — for generation and conversion."""
-    from deepsuite.checkpoint.hf_io import SOURCE_TOKENIZER_ATTR, load_state_dict_strict
+    from deepsuite.checkpoint.hf_io import load_state_dict_strict
     from deepsuite.models.registry import build_model
 
     p = find_checkpoint(path)
@@ -592,5 +592,4 @@ def load_model_from_checkpoint(
     load_state_dict_strict(model, sd, source=str(p))
     model.eval()
     # the run's tokenizer travels with the weights: save_hf/save_model export it beside them
-    setattr(model, SOURCE_TOKENIZER_ATTR, checkpoint_tokenizer(p))
     return model, state, cfg

@@ -21,7 +21,6 @@ from deepsuite.checkpoint.hf_io import (
     load_state_dict_strict,
     materialize,
     read_hf_folder,
-    source_tokenizer,
     write_hf_folder,
 )
 from deepsuite.config.errors import ConfigError
@@ -132,12 +131,11 @@ def save_hf(
 ) -> Path:
     """Write ``model`` as an HF folder that transformers' ``from_pretrained`` reads (atomically).
 
-    ``tokenizer`` (default: the checkpoint's tokenizer of a model loaded from one) is written too, as
-    ``AutoTokenizer.from_pretrained`` reads it, and its special ids go into ``config.json``.
+    ``tokenizer`` (a tokenizer file, e.g. `checkpoint.manager.checkpoint_tokenizer` of the source
+    checkpoint; None: none) is written too, as ``AutoTokenizer.from_pretrained`` reads it, and its
+    special ids go into ``config.json``.
     """
     model = unwrap_model(model)
-    if tokenizer is None:
-        tokenizer = source_tokenizer(model)
     spec = get_model_spec(model_family(model))
     adapter = spec.adapter()
     args = model.args

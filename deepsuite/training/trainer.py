@@ -658,7 +658,7 @@ def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
     return result
 
 
-def dry_run(cfg: Config) -> str:
+def dry_run(cfg: Config, resume: str | None = None) -> str:
     """Validate the config and world layout without building anything heavy; return the report."""
     import yaml
 
@@ -673,7 +673,7 @@ def dry_run(cfg: Config) -> str:
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
-    checks = _dry_run_checks(cfg, world)
+    checks = _dry_run_checks(cfg, world, resume)
     if rank != 0:  # the layout was validated on this rank too; the report is rank 0's
         return f"rank {rank}: config and layout OK"
     return (
@@ -688,16 +688,17 @@ def dry_run(cfg: Config) -> str:
     )
 
 
-def _dry_run_checks(cfg: Config, world_size: int) -> list[str]:
+def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> list[str]:
     """What `train` checks before building anything, without building: the prepared data against
     the model's vocabulary, the checkpoint it would resume from (and whether it fits), and the
     `checkpoint.init_from` source. Raises the same errors `train` would; returns report lines."""
     from deepsuite.checkpoint.manager import check_compatible, resolve_resume, verify_checkpoint
-    from deepsuite.data import read_meta
+    from deepsuite.data import TokenShards, WindowSampler, read_meta
 
     lines = []
     data_dir = Path(cfg.data.out_dir)
-    if (data_dir / "meta.json").is_file():
+    prepared = (data_dir / "meta.json").is_file()
+    if prepared:
         meta = read_meta(data_dir)
         vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
         if vocab is not None and vocab < meta["vocab_size"]:
@@ -712,10 +713,13 @@ def _dry_run_checks(cfg: Config, world_size: int) -> list[str]:
         lines.append(
             f"data: {data_dir} is not prepared yet (deepsuite prepare-data --config ... before training)"
         )
-    resume_from = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+    resume_from = resolve_resume(resume or cfg.checkpoint.resume, cfg.checkpoint.dir)
     if resume_from is not None:
         state = verify_checkpoint(resume_from)
         check_compatible(state, cfg, resume_from, world_size)
+        if prepared:  # the saved data position must fit this config's windows
+            sampler = WindowSampler(TokenShards(data_dir, "train"), cfg.training.seq_len, seed=cfg.data.seed)
+            sampler.check_state(state.get("sampler", {}))
         lines.append(f"would resume from {resume_from} (step {state['step']})")
     else:
         lines.append("starts at step 0")
