@@ -10,6 +10,7 @@ without a traceback; a diverged run exits with status 3.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -224,6 +225,10 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_train(args: argparse.Namespace) -> int:
     """`deepsuite train`."""
     cfg = _config(args)
+    if os.environ.get("RANK", "0") == "0":  # one warning per run, not per rank
+        from deepsuite.config.loader import check_schedule
+
+        check_schedule(cfg)
     resume = None
     if args.resume:
         from deepsuite.checkpoint.manager import CheckpointError, find_checkpoint

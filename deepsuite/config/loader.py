@@ -378,8 +378,10 @@ def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
 _MISSING = object()
 
 
-def _check_warmup(cfg: Config) -> None:
-    """Warn (once per message, Python's default filter) when the schedule cannot finish.
+def check_schedule(cfg: Config) -> None:
+    """Warn (once per message, Python's default filter) when the schedule cannot finish; `deepsuite
+    train` calls it on rank 0 (not part of `validate`: commands that only reload a run's config,
+    e.g. `generate`, have nothing to fix).
 
     With `training.steps <= schedule.warmup_steps` the LR stops part-way up the warmup or at the
     peak and never decays to `min_lr_ratio`. Only a warning: short smoke runs (1-2 steps with a
@@ -445,7 +447,6 @@ def validate(cfg: Config) -> None:
     s = cfg.schedule
     _positive("schedule.warmup_steps", s.warmup_steps, strict=False)
     _fraction("schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
-    _check_warmup(cfg)
     d = cfg.data
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1), e.g. 0.05")

@@ -12,6 +12,7 @@ import pytest
 
 from deepsuite.config import ConfigError, load_config
 from deepsuite.config.errors import ConfigWarning
+from deepsuite.config.loader import check_schedule
 from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
 from deepsuite.parallel.dist import ParallelDims
 
@@ -34,6 +35,7 @@ def test_every_shipped_config_loads(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)  # a shipped config needs no warning either
         cfg = load_config(path)
+        check_schedule(cfg)
     assert cfg.training.steps > 0
     build_ds_config(cfg, ParallelDims(world_size=1, rank=0, local_rank=0))
 
@@ -354,7 +356,7 @@ def test_warmup_not_shorter_than_training_warns(overrides: list[str], fragment: 
     """training.steps <= schedule.warmup_steps is a loud warning naming both keys and the fix (not an
     error: the tiny integration runs train 1-2 steps with schedule.warmup_steps=2 on purpose)."""
     with pytest.warns(ConfigWarning, match=fragment) as record:
-        load_config(None, overrides)
+        check_schedule(load_config(None, overrides))
     assert len(record) == 1
     message = str(record[0].message)
     assert "training.steps=" in message and "schedule.warmup_steps=" in message
@@ -372,7 +374,7 @@ def test_warmup_not_shorter_than_training_warns(overrides: list[str], fragment: 
 def test_a_schedule_that_completes_does_not_warn(overrides: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
-        load_config(None, overrides)
+        check_schedule(load_config(None, overrides))
 
 
 def test_eval_every_docstring_says_when_validation_runs() -> None:
@@ -384,3 +386,27 @@ def test_eval_every_docstring_says_when_validation_runs() -> None:
     doc = field_docs(TrainingConfig)["eval_every"]
     assert "only at the end" not in doc
     assert "step 0" in doc and "training.steps" in doc
+
+
+def test_train_warns_about_the_schedule_on_rank_0_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deepsuite.cli import main
+
+    argv = [
+        "train",
+        "--config",
+        str(ROOT / "configs" / "debug.yaml"),
+        "--dry-run",
+        "training.steps=2",
+        "schedule.warmup_steps=4",
+        f"data.out_dir={tmp_path / 'data'}",
+        f"checkpoint.dir={tmp_path / 'run'}",
+    ]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(ConfigWarning, match="never reaches its peak"):
+        assert main(argv) == 0
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        main(argv)  # rank 1 stays quiet (its dry run may say only "config and layout OK")
