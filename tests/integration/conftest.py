@@ -124,3 +124,51 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     prepare_data(cfg.data, log=lambda _: None)
     return out
+
+
+def fails(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, code: int = 2) -> str:
+    """Run the CLI, check the exit status and that stderr's last line is one `error: …` matching `pattern`."""
+    import re
+
+    from deepsuite.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error message"
+    assert err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    assert re.search(pattern, err[-1]), err[-1]
+    return err[-1]
+
+
+def train_argv(data: Path, run_dir: Path, **extra: object) -> list[str]:
+    """`deepsuite train` arguments of a tiny run (see `tiny_overrides`)."""
+    return ["train", *tiny_overrides(data, run_dir, **extra)]
+
+
+HF_EOS = "<|endoftext|>"
+
+
+def hf_tokenizer_folder(folder: Path, corpus: Path, eos_in: str = "tokenizer_config") -> Path:
+    """A GPT-2-style byte-level BPE trained on `corpus`, saved as a model folder holds it; the EOS
+    named in tokenizer_config.json, config.json (as an id) or nowhere (``eos_in``)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[HF_EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if eos_in == "tokenizer_config":
+        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": HF_EOS}}))
+    elif eos_in == "config":
+        (folder / "config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id(HF_EOS)}))
+    return folder

@@ -5,30 +5,13 @@ order. Each gives one `error: …` line, exit 2, and writes nothing."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides, write_corpus
+from conftest import fails, train_argv, write_corpus
 
 from deepsuite.cli import main
-
-
-def fails(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, code: int = 2) -> str:
-    """Run the CLI, check the exit status and that stderr's last line is one `error: …` matching `pattern`."""
-    capsys.readouterr()
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "no error message"
-    assert err[-1].startswith("error: "), err
-    assert "Traceback" not in "\n".join(err)
-    assert re.search(pattern, err[-1]), err[-1]
-    return err[-1]
-
-
-def train_argv(data: Path, run_dir: Path, **extra: object) -> list[str]:
-    return ["train", *tiny_overrides(data, run_dir, **extra)]
 
 
 def snapshot(folder: Path) -> dict[str, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_corpus
+from conftest import HF_EOS, hf_tokenizer_folder, tiny_overrides, write_corpus
 
 from deepsuite.checkpoint.hf_io import write_hf_folder
 from deepsuite.cli import main
@@ -21,7 +21,7 @@ from deepsuite.data import Tokenizer, prepare_data
 
 tokenizers = pytest.importorskip("tokenizers")
 
-EOS = "<|endoftext|>"
+EOS = HF_EOS
 TEXT = "ROMEO:\n  The king doth love thee, fair lady.\n\nJULIET:\n  Ünïcödé 🎭 sorrow.\n"
 QUICK = dict(training__steps=2, training__eval_every=100, training__sample_tokens=0, schedule__warmup_steps=0)
 
@@ -35,30 +35,12 @@ def umask_022() -> Iterator[None]:
         os.umask(old)
 
 
-def _hf_tokenizer_folder(folder: Path, corpus: Path) -> Path:
-    """A GPT-2-style byte-level BPE trained on `corpus`, saved as a model folder holds it."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": EOS}}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(corpus, run folder) of a 2-step GPT run on a Hugging Face tokenizer."""
     root = tmp_path_factory.mktemp("hf_run")
     corpus = write_corpus(root / "corpus", n_docs=4, lines=40)
-    folder = _hf_tokenizer_folder(root / "tok", corpus)
+    folder = hf_tokenizer_folder(root / "tok", corpus)
     run_dir = root / "run"
     overrides = tiny_overrides(root / "data", run_dir, model__vocab_size=400, **QUICK)
     overrides += [f"data.source={corpus}", f"data.tokenizer={folder}", "data.num_proc=1"]

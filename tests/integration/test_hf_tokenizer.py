@@ -4,12 +4,11 @@ file that checkpoints copy, and a model folder's own tokenizer trains and sample
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides, write_corpus
+from conftest import HF_EOS, hf_tokenizer_folder, tiny_overrides, write_corpus
 
 from deepsuite.config import load_config
 from deepsuite.data import DataError, Tokenizer, prepare_data
@@ -17,28 +16,7 @@ from deepsuite.data.tokenizer import bundle_hf_tokenizer, is_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
-EOS = "<|endoftext|>"
-
-
-def hf_folder(folder: Path, corpus: Path, eos_in: str = "tokenizer_config") -> Path:
-    """A GPT-2-style byte-level BPE trained on `corpus`, saved as a model folder would hold it."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    if eos_in == "tokenizer_config":
-        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": EOS}}))
-    elif eos_in == "config":
-        (folder / "config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id(EOS)}))
-    return folder
+EOS = HF_EOS
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +29,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ids_equal_transformers_fast_tokenizer(corpus: Path, tmp_path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    folder = hf_folder(tmp_path / "hf", corpus)
+    folder = hf_tokenizer_folder(tmp_path / "hf", corpus)
     ours = Tokenizer(folder)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=EOS)
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
@@ -69,7 +47,7 @@ def test_ids_equal_transformers_fast_tokenizer(corpus: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("eos_in", ["tokenizer_config", "config"])
 def test_bundle_is_self_contained(corpus: Path, tmp_path: Path, eos_in: str) -> None:
-    folder = hf_folder(tmp_path / "hf", corpus, eos_in=eos_in)
+    folder = hf_tokenizer_folder(tmp_path / "hf", corpus, eos_in=eos_in)
     bundle = tmp_path / "data" / "tokenizer.json"
     bundle.parent.mkdir()
     bundle_hf_tokenizer(folder, bundle)
@@ -81,7 +59,7 @@ def test_bundle_is_self_contained(corpus: Path, tmp_path: Path, eos_in: str) -> 
 
 
 def test_missing_eos_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
-    folder = hf_folder(tmp_path / "hf", corpus, eos_in="nowhere")
+    folder = hf_tokenizer_folder(tmp_path / "hf", corpus, eos_in="nowhere")
     with pytest.raises(DataError, match="cannot tell the end-of-document token"):
         Tokenizer(folder)
     with pytest.raises(DataError, match="cannot tell the end-of-document token"):
@@ -97,7 +75,7 @@ def test_prepare_train_and_generate_with_a_model_folders_tokenizer(
     from deepsuite.cli import main
     from deepsuite.data import TokenShards
 
-    folder = hf_folder(tmp_path / "hf", corpus)
+    folder = hf_tokenizer_folder(tmp_path / "hf", corpus)
     data_dir, run_dir = tmp_path / "data", tmp_path / "run"
     overrides = tiny_overrides(data_dir, run_dir, training__steps=2, model__vocab_size=400)
     overrides += [f"data.source={corpus}", f"data.tokenizer={folder}", "data.num_proc=1"]
