@@ -230,6 +230,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_schedule(cfg)
     resume = None
+    if args.resume and cfg.checkpoint.resume == "never":
+        from deepsuite.config import ConfigError
+
+        raise ConfigError("--resume contradicts checkpoint.resume=never; drop one of them")
     if args.resume:
         from deepsuite.checkpoint.manager import CheckpointError, find_checkpoint
 

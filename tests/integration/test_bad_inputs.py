@@ -294,6 +294,8 @@ def test_dry_run_checks_what_training_would_refuse(
     fails(capsys, [*train_argv(tiny_data, finished, model__n_layers=3), *dry], r"model.n_layers")
     fails(capsys, [*train_argv(tiny_data, finished, training__seq_len=8), *dry], r"training.seq_len=16")
     fails(capsys, [*train_argv(tiny_data, tmp_path / "e"), "--resume", *dry], r"--resume: .* does not exist")
+    never = train_argv(tiny_data, finished, checkpoint__resume="never")
+    fails(capsys, [*never, "--resume", *dry], r"--resume contradicts checkpoint.resume=never")
     capsys.readouterr()
     assert main([*train_argv(tiny_data, finished, training__steps=8), *dry]) == 0
     out = capsys.readouterr().out
