@@ -256,6 +256,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; unreadable JSON raises `CheckpointFormatError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(
+            f"{path} is not valid JSON ({_one_line(exc)}); copy or download it again"
+        ) from None
+
+
 def _read_file(path: Path, out: dict[str, torch.Tensor]) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -319,12 +329,7 @@ def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         meta = _read_file(folder / SINGLE_FILE, tensors)
         aliases = _aliases_of(meta, folder / SINGLE_FILE)
     elif (folder / INDEX_FILE).is_file():
-        try:
-            index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointFormatError(
-                f"{folder / INDEX_FILE} is not valid JSON ({_one_line(exc)}); copy or download it again"
-            ) from None
+        index = _read_json(folder / INDEX_FILE)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointFormatError(
@@ -352,12 +357,7 @@ def read_hf_folder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(
-            f"{folder / CONFIG_FILE} is not valid JSON ({_one_line(exc)}); fix it or copy it again"
-        ) from None
+    config = _read_json(folder / CONFIG_FILE)
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{folder / CONFIG_FILE} must hold a JSON object (the model's config)")
     return config, read_safetensors(folder)

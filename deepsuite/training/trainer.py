@@ -71,8 +71,11 @@ class _StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def received_anywhere(self, device: str | torch.device) -> int:
-        """The signal one rank received (0 if none): every rank stops after the same step."""
+    def received_anywhere(self, device: str | torch.device, world_size: int) -> int:
+        """The signal one rank received (0 if none): every rank stops after the same step. One
+        process needs no collective (and no device sync) for that."""
+        if world_size == 1:
+            return self.signum
         from deepsuite.parallel.dist import all_reduce_max
 
         flag = torch.tensor([float(self.signum)], device=device)
@@ -155,10 +158,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         from deepsuite.checkpoint.manager import (
-            check_compatible,
             check_writable,
-            resolve_resume,
-            verify_checkpoint,
         )
         from deepsuite.data import TokenShards, WindowSampler, read_meta
         from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
@@ -179,23 +179,13 @@ class Trainer:
         data_dir = Path(cfg.data.out_dir)
         self.meta = read_meta(data_dir)
         self.tokenizer_path = data_dir / self.meta["tokenizer"]
-        args = resolve_model_args(cfg.model)
-        vocab = getattr(args, "vocab_size", None)
-        if vocab is not None and vocab < self.meta["vocab_size"]:
-            raise ConfigError(
-                f"model.vocab_size={vocab} is smaller than the tokenizer's {self.meta['vocab_size']} pieces "
-                f"(in {data_dir}); set model.vocab_size={self.meta['vocab_size']}"
-            )
+        _check_vocab(cfg, self.meta, data_dir)
         self.train_data = TokenShards(data_dir, "train")
         self.val_data = TokenShards(data_dir, "val")
         self.sampler = WindowSampler(self.train_data, cfg.training.seq_len, seed=cfg.data.seed)
 
         # which checkpoint (checked before the expensive part)
-        self.resume_from = resolve_resume(resume or cfg.checkpoint.resume, self.ckpt_dir)
-        if self.resume_from is not None:
-            state = verify_checkpoint(self.resume_from)
-            check_compatible(state, cfg, self.resume_from, self.dims.world_size)
-            self.sampler.check_state(state.get("sampler", {}))  # same windows, before the engine is built
+        self.resume_from, _ = _checked_resume(cfg, resume, self.dims.world_size, self.sampler)
 
         if self.dims.is_main:
             check_writable(self.ckpt_dir)
@@ -617,7 +607,7 @@ def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
                 trainer.step == end and (cfg.checkpoint.save_final or not last)
             ):
                 result.checkpoint = str(trainer.save())
-            signum = stop.received_anywhere(trainer.device)
+            signum = stop.received_anywhere(trainer.device, dims.world_size)
             if signum and trainer.step < end:
                 import signal
 
@@ -688,24 +678,47 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
     )
 
 
+def _check_vocab(cfg: Config, meta: dict[str, Any], data_dir: Path) -> None:
+    """The model's vocabulary must hold every id of the prepared data's tokenizer."""
+    vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
+    if vocab is not None and vocab < meta["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "
+            f"(in {data_dir}); set model.vocab_size={meta['vocab_size']}"
+        )
+
+
+def _checked_resume(
+    cfg: Config, resume: str | None, world_size: int, sampler: Any
+) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint this run resumes from (None: a fresh start) and its state, after checking that
+    it is complete, fits the model config and world size, and (given a ``sampler``) that its data
+    position fits this config's windows."""
+    from deepsuite.checkpoint.manager import check_compatible, resolve_resume, verify_checkpoint
+
+    path = resolve_resume(resume or cfg.checkpoint.resume, cfg.checkpoint.dir)
+    if path is None:
+        return None, {}
+    state = verify_checkpoint(path)
+    check_compatible(state, cfg, path, world_size)
+    if sampler is not None:
+        sampler.check_state(state.get("sampler", {}))
+    return path, state
+
+
 def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> list[str]:
     """What `train` checks before building anything, without building: the prepared data against
     the model's vocabulary, the checkpoint it would resume from (and whether it fits), and the
     `checkpoint.init_from` source. Raises the same errors `train` would; returns report lines."""
-    from deepsuite.checkpoint.manager import check_compatible, resolve_resume, verify_checkpoint
     from deepsuite.data import TokenShards, WindowSampler, read_meta
 
     lines = []
     data_dir = Path(cfg.data.out_dir)
-    prepared = (data_dir / "meta.json").is_file()
-    if prepared:
+    sampler = None
+    if (data_dir / "meta.json").is_file():
         meta = read_meta(data_dir)
-        vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
-        if vocab is not None and vocab < meta["vocab_size"]:
-            raise ConfigError(
-                f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "
-                f"(in {data_dir}); set model.vocab_size={meta['vocab_size']}"
-            )
+        _check_vocab(cfg, meta, data_dir)
+        sampler = WindowSampler(TokenShards(data_dir, "train"), cfg.training.seq_len, seed=cfg.data.seed)
         lines.append(
             f"data: {data_dir} ({meta['splits']['train']['tokens']:,} train tokens, vocab {meta['vocab_size']})"
         )
@@ -713,13 +726,8 @@ def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> 
         lines.append(
             f"data: {data_dir} is not prepared yet (deepsuite prepare-data --config ... before training)"
         )
-    resume_from = resolve_resume(resume or cfg.checkpoint.resume, cfg.checkpoint.dir)
+    resume_from, state = _checked_resume(cfg, resume, world_size, sampler)
     if resume_from is not None:
-        state = verify_checkpoint(resume_from)
-        check_compatible(state, cfg, resume_from, world_size)
-        if prepared:  # the saved data position must fit this config's windows
-            sampler = WindowSampler(TokenShards(data_dir, "train"), cfg.training.seq_len, seed=cfg.data.seed)
-            sampler.check_state(state.get("sampler", {}))
         lines.append(f"would resume from {resume_from} (step {state['step']})")
     else:
         lines.append("starts at step 0")
