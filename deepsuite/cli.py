@@ -282,22 +282,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model: typing.Any
     if (folder / "config.json").is_file() or (folder / "model.yaml").is_file():
         # a model folder (HF or deepsuite): the model and the tokenizer stored beside it
-        from deepsuite.checkpoint.hf_io import load_model
+        from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
         from deepsuite.models.hf import load_hf
 
         path = folder
         model = load_hf(folder) if (folder / "config.json").is_file() else load_model(folder)
-        state: dict[str, object] = {}
+        tok_file = folder_tokenizer(folder)
     else:
+        from deepsuite.checkpoint.manager import checkpoint_tokenizer
+
         path = find_checkpoint(args.checkpoint)
         model, state, _ = load_model_from_checkpoint(path)
-    copies = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
-    if not copies and not state.get("tokenizer"):
+        tok_file = checkpoint_tokenizer(path) or (
+            Path(state["tokenizer"]) if state.get("tokenizer") else None
+        )
+    if tok_file is None:
         raise ConfigError(
             f"{path} holds no tokenizer (tokenizer.model or tokenizer.json); export the model from its training "
             "run (deepsuite convert ... copies the run's tokenizer) or copy the tokenizer into the folder"
         )
-    tok = Tokenizer(copies[0] if copies else Path(str(state["tokenizer"])))
+    tok = Tokenizer(tok_file)
     if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
         raise ConfigError(
             f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "
