@@ -125,7 +125,9 @@ class DeepSeekV3(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, eps=args.rms_norm_eps)
         self.lm_head = LMHead(args.d_model, args.vocab_size, bias=False, tie_weights=args.tie_embeddings)
-        self.mtp = nn.ModuleList(MTPModule(args, args.n_layers + k) for k in range(args.mtp_depth))
+        self.mtp = nn.ModuleList(
+            MTPModule(args, Block(args, args.n_layers + k)) for k in range(args.mtp_depth)
+        )
         self.tie_weights()
 
     @property
@@ -160,8 +162,9 @@ class DeepSeekV3(nn.Module):
         if not self.args.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
         for module in self.mtp:
-            assert isinstance(module, MTPModule)
+            assert isinstance(module, MTPModule) and isinstance(module.block, Block)
             module.init_weights(std)
+            module.block.init_weights(std)
 
     def moe_layers(self) -> list[tuple[str, DeepSeekMoE]]:
         """``(qualified name, module)`` of every MoE layer, MTP blocks included."""

@@ -25,14 +25,14 @@ from deepsuite.models.deepseek_v3.config import DeepSeekV3Config
 class MTPModule(nn.Module):
     """One MTP depth: norms, projection of the concatenation, one transformer block, final norm."""
 
-    def __init__(self, args: DeepSeekV3Config, layer_idx: int) -> None:
+    def __init__(self, args: DeepSeekV3Config, block: nn.Module) -> None:
+        """``block`` is the model's transformer block for this depth (built by the model, at layer
+        index ``n_layers + k - 1``, so its cache slot and init match DeepSeek's layer numbering)."""
         super().__init__()
-        from deepsuite.models.deepseek_v3.model import Block
-
         self.enorm = RMSNorm(args.d_model, eps=args.rms_norm_eps)
         self.hnorm = RMSNorm(args.d_model, eps=args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * args.d_model, args.d_model, bias=False)
-        self.block = Block(args, layer_idx)
+        self.block = block
         self.norm = RMSNorm(args.d_model, eps=args.rms_norm_eps)
 
     def forward(
@@ -49,9 +49,8 @@ class MTPModule(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
-        """Unit norms, normal(0, std) projection and block."""
+        """Unit norms and normal(0, std) projection (the model initialises the block with its own)."""
         self.enorm.init_weights()
         self.hnorm.init_weights()
         self.norm.init_weights()
         nn.init.normal_(self.eh_proj.weight, mean=0.0, std=std)
-        self.block.init_weights(std)
