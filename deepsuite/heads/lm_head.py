@@ -43,9 +43,13 @@ class LMHead(nn.Module):
         self._tied_embedding: tuple[nn.Embedding, ...] = ()
         self.init_weights()
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``(..., V)`` of ``hidden`` ``(..., D)``."""
-        return F.linear(hidden, self.weight, self.bias)
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs: Any
+    ) -> torch.Tensor:
+        """Logits ``(..., V)`` of ``hidden`` ``(..., D)``; with ``labels``, the loss of `loss` instead."""
+        if labels is None:
+            return F.linear(hidden, self.weight, self.bias)
+        return fused_linear_cross_entropy(hidden, self.weight, labels, bias=self.bias, **loss_kwargs)
 
     def tie_embedding_weights(self, embedding: nn.Embedding) -> None:
         """Share ``embedding.weight`` (the same ``Parameter`` object) as this head's weight."""
@@ -61,9 +65,10 @@ class LMHead(nn.Module):
         """Cross-entropy of this head's logits against aligned ``labels`` without materialising them.
 
         ``kwargs`` go to `deepsuite.loss.fused_linear_cross_entropy` (``backend``, ``chunk_size``,
-        ``label_smoothing``, ``ignore_index``, ``reduction``).
+        ``label_smoothing``, ``ignore_index``, ``reduction``). It runs as this module's forward, so
+        hooks that gather a sharded weight (ZeRO-3, FSDP) see the weight used.
         """
-        return fused_linear_cross_entropy(hidden, self.weight, labels, bias=self.bias, **kwargs)
+        return self(hidden, labels, **kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepsuite.heads.lm_head import LMHead
@@ -70,7 +69,7 @@ class MTPHead(nn.Module):
         out = []
         for k, h in enumerate(hidden, start=1):
             head = self.head(k)
-            out.append(F.linear(h, head.weight, head.bias))
+            out.append(head(h))  # through the module: its forward hooks see the weight
         return out
 
     def init_weights(self) -> None:

@@ -20,6 +20,7 @@ def init(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--native", action="store_true")
+    parser.add_argument("--cases", default="", help="comma-separated case names (worker-specific)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
