@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,13 @@ def import_deepspeed() -> Any:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by its inference
         # path; skipping it saves ~30 s of C++ build per fresh machine and the need for a compiler.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO-3 calls torch's old collective names every step; torch's FutureWarning about them is
+    # DeepSpeed's to act on and would otherwise fill every log line of the progress bar.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     return deepspeed
 
 

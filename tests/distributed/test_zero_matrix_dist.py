@@ -13,7 +13,13 @@ from dist_spawn import torchrun
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 MODELS = ("gpt_tied", "gpt_untied", "dsv3")
-CASES = [f"{m}:z{z}" for m in MODELS for z in (0, 1, 2, 3)] + ["dsv3:z2:ep2"]
+# + activation checkpointing and the full-logits loss backend under ZeRO-3, and EP under ZeRO-2
+CASES = [f"{m}:z{z}" for m in MODELS for z in (0, 1, 2, 3)] + [
+    "dsv3:z3:ckpt",
+    "gpt_untied:z3:ckpt:naive",
+    "dsv3:z3:naive",
+    "dsv3:z2:ep2",
+]
 STEPS = 10
 
 

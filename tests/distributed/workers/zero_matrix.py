@@ -46,8 +46,10 @@ DeepSeekMoE.update_bias = _recording_update_bias  # type: ignore[method-assign]
 
 
 def config(case: str, run: Path) -> Any:
-    model, stage, *rest = case.split(":")
-    ep = int(rest[0].removeprefix("ep")) if rest else 1
+    """``<model>:z<stage>`` then options: ``ep<size>``, ``ckpt`` (activation checkpointing),
+    ``naive`` (the full-logits loss backend instead of the chunked fused one)."""
+    model, stage, *options = case.split(":")
+    ep = next((int(o.removeprefix("ep")) for o in options if o.startswith("ep")), 1)
     return config_from_dict(
         {
             "model": MODELS[model],
@@ -65,7 +67,12 @@ def config(case: str, run: Path) -> Any:
                 "dtype": "fp32",
             },
             "schedule": {"warmup_steps": 2},
-            "parallel": {"zero_stage": int(stage.removeprefix("z")), "ep_size": ep},
+            "parallel": {
+                "zero_stage": int(stage.removeprefix("z")),
+                "ep_size": ep,
+                "activation_checkpointing": "ckpt" in options,
+            },
+            "loss": {"backend": "naive" if "naive" in options else "chunked", "chunk_size": 16},
             "checkpoint": {"dir": str(run / "ckpt"), "every": 0},
             "logging": {"run_dir": str(run / "log"), "progress": False, "log_every": 1},
         }
