@@ -14,10 +14,11 @@
   the token copies that the *local* experts must process, grouped by local expert in order;
 * ``combine(y_sorted (S, D), weights (N, k), state) -> (N, D)``: the weighted sum back in token order.
 
-`TokenDispatcher` is the single-device one (sort by expert, ``index_add`` back). `deepsuite.parallel`
+`TokenDispatcher` is the single-device one (sort by expert, un-sort and sum back). `deepsuite.parallel`
 replaces ``moe.dispatcher`` with an all-to-all dispatcher and shards ``moe.experts`` (stacked
 ``[E_local, …]`` tensors) without touching this file; routing, counts, the bias and the balance
-loss stay here and use global expert ids.
+loss stay here and use global expert ids. The experts' and the dispatcher's kernels (hand-written
+backward passes, the CPU and grouped GEMMs) are in `deepsuite.layers.moe_kernels`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepsuite.layers.mlp import SwiGLU
+from deepsuite.layers.moe_kernels import gather_copies, permute_rows, select_kernel, swiglu_experts
 
 
 class MoERouter(nn.Module):
@@ -97,159 +99,14 @@ class MoERouter(nn.Module):
         self.e_score_correction_bias.zero_()
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` can run on ``x``'s device and dtype.
-
-    CPU: fp32 and bf16 (torch >= 2.9 has a CPU kernel; it rejects fp64). CUDA: bf16 on SM80+ only.
-    """
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
-    return False
-
-
-def _mm_split_rows(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, parts: int) -> None:
-    """``out = a @ b`` with the rows of ``a`` cut into ``parts`` equal blocks, one batched GEMM.
-
-    ``a`` ``(n, K)`` and ``out`` ``(n, N)`` row-contiguous, ``b`` ``(K, N)`` any strides (shared by
-    every block through a stride-0 batch). The ``n mod parts`` leftover rows take one small ``mm``.
-    """
-    n = a.shape[0]
-    rows = n // parts
-    if parts <= 1 or rows == 0:
-        torch.mm(a, b, out=out)
-        return
-    m = rows * parts
-    torch.bmm(
-        a[:m].view(parts, rows, a.shape[1]),
-        b.expand(parts, *b.shape),
-        out=out[:m].view(parts, rows, out.shape[1]),
-    )
-    if m < n:
-        torch.mm(a[m:], b, out=out[m:])
-
-
-def _mm_split_out_rows(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, parts: int) -> None:
-    """``out = gᵀ @ x`` (a weight gradient ``(N, K)``, contiguous) with the ``N`` rows of ``out``
-    cut into ``parts`` blocks, one batched GEMM; ``g`` ``(n, N)`` and ``x`` ``(n, K)`` row-contiguous.
-    """
-    n, big_n = g.shape
-    if parts <= 1 or big_n % parts:
-        torch.mm(g.t(), x, out=out)
-        return
-    block = big_n // parts
-    torch.bmm(
-        g.view(n, parts, block).permute(1, 2, 0),  # (parts, N/parts, n)
-        x.expand(parts, *x.shape),
-        out=out.view(parts, block, out.shape[1]),
-    )
-
-
-class _CPUExpertsMLP(torch.autograd.Function):
-    """Routed SwiGLU experts on CPU with each expert's GEMMs split into equal blocks per thread.
-
-    Forward ``y_e = (silu(x_e W_gate,eᵀ) ⊙ x_e W_up,eᵀ) W_down,eᵀ`` for the contiguous row block
-    ``x_e`` of expert ``e``; backward written out (no ``chunk``/``cat``, no per-expert zero
-    gradients). Every product is one ``bmm`` over ``parts`` blocks of the expert's rows (or of
-    the weight gradient's rows) with the weight shared through a stride-0 batch: the BLAS gives
-    each thread whole independent GEMMs (one fork/join per product) instead of splitting one
-    medium-size GEMM internally. Same arithmetic per output element as ``torch.mm``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        counts: tuple[int, ...],
-        splits: tuple[int, ...],
-    ) -> torch.Tensor:
-        d_ffn = down_proj.shape[2]
-        h = x.new_empty(x.shape[0], 2 * d_ffn)  # (S, 2I): gate | up
-        start = 0
-        for n, p, w in zip(counts, splits, gate_up_proj.unbind(0)):
-            if n:
-                _mm_split_rows(h[start : start + n], x[start : start + n], w.t(), p)
-                start += n
-        gate, up = h[:, :d_ffn], h[:, d_ffn:]
-        act = F.silu(gate).mul_(up)  # (S, I)
-        y = x.new_empty(x.shape[0], down_proj.shape[1])  # (S, D)
-        start = 0
-        for n, p, w in zip(counts, splits, down_proj.unbind(0)):
-            if n:
-                _mm_split_rows(y[start : start + n], act[start : start + n], w.t(), p)
-                start += n
-        ctx.save_for_backward(x, h, act, gate_up_proj, down_proj)
-        ctx.counts, ctx.splits = counts, splits
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, act, gate_up_proj, down_proj = ctx.saved_tensors
-        counts, splits = ctx.counts, ctx.splits
-        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
-        grad = grad.contiguous()
-        d_ffn = down_proj.shape[2]
-        n_rows = x.shape[0]
-        offsets = [0]
-        for n in counts:
-            offsets.append(offsets[-1] + n)
-
-        grad_down = torch.empty_like(down_proj) if need_down else None
-        d_act = x.new_empty(n_rows, d_ffn)  # (S, I)
-        for e, (n, p) in enumerate(zip(counts, splits)):
-            s = offsets[e]
-            if grad_down is not None:
-                if n:
-                    _mm_split_out_rows(grad_down[e], grad[s : s + n], act[s : s + n], p)
-                else:
-                    grad_down[e].zero_()
-            if n:
-                _mm_split_rows(d_act[s : s + n], grad[s : s + n], down_proj[e], p)
-
-        gate, up = h[:, :d_ffn], h[:, d_ffn:]
-        d_h = x.new_empty(n_rows, 2 * d_ffn)  # (S, 2I): d_gate | d_up
-        torch.ops.aten.silu.out(gate, out=d_h[:, d_ffn:]).mul_(d_act)  # d_up, no temporary
-        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_h[:, :d_ffn])
-
-        grad_x = x.new_empty(x.shape) if need_x else None
-        grad_gate_up = torch.empty_like(gate_up_proj) if need_gate_up else None
-        for e, (n, p) in enumerate(zip(counts, splits)):
-            s = offsets[e]
-            if grad_gate_up is not None:
-                if n:
-                    _mm_split_out_rows(grad_gate_up[e], d_h[s : s + n], x[s : s + n], p)
-                else:
-                    grad_gate_up[e].zero_()
-            if grad_x is not None and n:
-                _mm_split_rows(grad_x[s : s + n], d_h[s : s + n], gate_up_proj[e], p)
-        return grad_x, grad_gate_up, grad_down, None, None
-
-
 class GroupedExperts(nn.Module):
     """``n_experts`` SwiGLU experts as stacked tensors (transformers 5 / DeepSpeed AutoEP layout).
 
     ``gate_up_proj`` ``[E, 2I, D]`` (gate rows then up rows) and ``down_proj`` ``[E, D, I]``.
-    ``forward(x_sorted, counts)`` runs expert ``e`` on rows ``offset_e … offset_e + counts[e]`` of
-    the expert-sorted tokens. ``implementation`` picks the kernel:
-
-    * ``"cpu_split"``: `_CPUExpertsMLP`, each expert's GEMMs as one batched GEMM over
-      ``min(threads, rows // min_rows_per_split)`` equal row blocks (CPU, fp32/fp64, no autocast);
-    * ``"grouped_mm"``: one ``F.grouped_mm`` per projection (where PyTorch has the kernel);
-    * ``"loop"``: dense matmuls over the contiguous slices (weights taken with ``unbind`` so the
-      backward writes each expert's gradient once, not a full-size zero tensor per expert);
-    * ``"auto"`` (default): the first of these that applies.
-
-    Measured with 2 threads (tools/benchmarks/moe.py shapes, fp32): ``F.grouped_mm`` on CPU is a
-    loop of ``mm`` whose medium-size GEMMs (~384 × 1024 × 1024) reach only 20–40 % of a large
-    matmul's rate when the cores are shared with other processes (each GEMM forks and joins both
-    threads several times); ``cpu_split`` keeps 50–65 % there. On idle cores both reach 75–85 %
-    (``cpu_split`` a few per cent ahead), and with one thread they are the same loop.
-    ``use_grouped_mm = False`` is kept as the switch to the reference loop.
+    Expert ``e`` computes ``y_e = (silu(x_e W_gate,eᵀ) ⊙ x_e W_up,eᵀ) W_down,eᵀ`` on its contiguous
+    rows ``x_e`` of the expert-sorted tokens. ``implementation`` picks the kernel that computes it
+    (`deepsuite.layers.moe_kernels`): ``"auto"`` (default), ``"cpu_split"``, ``"grouped_mm"`` or
+    ``"loop"`` (the reference); ``use_grouped_mm = False`` is kept as the switch to the loop.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_ffn: int) -> None:
@@ -273,102 +130,25 @@ class GroupedExperts(nn.Module):
         self.implementation = "auto" if value else "loop"
 
     def _kernel(self, x: torch.Tensor) -> str:
-        if self.implementation != "auto":
-            return self.implementation
-        if (
-            x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and self.gate_up_proj.dtype == x.dtype
-            and self.down_proj.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return "cpu_split"
-        probe = x
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            probe = x[:0].to(torch.get_autocast_dtype("cuda"))  # forward casts to the autocast dtype
-        # the grouped_mm kernels want 16-byte aligned row strides
-        aligned = all(n * probe.element_size() % 16 == 0 for n in (self.d_model, self.d_ffn))
-        if grouped_mm_supported(probe) and aligned:
-            return "grouped_mm"
-        return "loop"
+        return select_kernel(self.implementation, x, self.gate_up_proj, self.down_proj)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
-        kernel = self._kernel(x_sorted)
-        if kernel == "cpu_split":
-            threads = self.cpu_threads or torch.get_num_threads()
-            splits = tuple(max(1, min(threads, n // self.min_rows_per_split)) for n in counts)
-            return _CPUExpertsMLP.apply(
-                x_sorted.contiguous(), self.gate_up_proj, self.down_proj, tuple(counts), splits
-            )
-        if kernel == "grouped_mm" and x_sorted.shape[0] > 0:
-            w_gate_up: torch.Tensor = self.gate_up_proj
-            w_down: torch.Tensor = self.down_proj
-            if x_sorted.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-                # autocast does not cover grouped_mm: cast as it would for F.linear (CUDA kernels are bf16)
-                dtype = torch.get_autocast_dtype("cuda")
-                x_sorted, w_gate_up, w_down = x_sorted.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-            offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x_sorted, w_gate_up.transpose(-2, -1), offs=offs)  # (S, 2I)
-            gate, up = h.chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (S, D)
-        return self._loop(x_sorted, counts)
-
-    def _loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
-        # split (backward: one cat) rather than slicing, whose backward writes a full-size zero
-        # gradient of x_sorted per expert; unbind likewise for the weights
-        slices = x_sorted.split(list(counts))
-        for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
-            if xe.shape[0] == 0:
-                continue
-            gate, up = F.linear(xe, w_gate_up).chunk(2, dim=-1)  # (n, I) each
-            outputs.append(F.linear(F.silu(gate) * up, w_down))  # (n, D)
-        if not outputs:
-            return x_sorted.new_zeros(0, self.d_model) + 0 * x_sorted.sum()
-        return torch.cat(outputs, dim=0)
+        return swiglu_experts(
+            self._kernel(x_sorted),
+            x_sorted,
+            counts,
+            self.gate_up_proj,
+            self.down_proj,
+            threads=self.cpu_threads,
+            min_rows_per_split=self.min_rows_per_split,
+        )
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(0, std) weights."""
         nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(self.down_proj, mean=0.0, std=std)
-
-
-class _GatherCopies(torch.autograd.Function):
-    """Rows ``x[order // k]``: the ``N·k`` token copies in expert order, gathered in one pass.
-
-    Backward: un-permute the copies' gradients with a gather (``grad[inverse]``) and sum each
-    token's ``k`` copies. Plain indexing would back-propagate through an accumulating scatter
-    (``index_put_`` with ``accumulate=True``), markedly slower on CPU.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int
-    ) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return x[order // top_k]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm``, whose backward is the gather ``grad[inverse]``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
 
 
 class TokenDispatcher:
@@ -390,12 +170,12 @@ class TokenDispatcher:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        return _GatherCopies.apply(x, order, inverse, top_k), counts, (order, inverse)
+        return gather_copies(x, order, inverse, top_k), counts, (order, inverse)
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state: Any) -> torch.Tensor:
         """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""
         order, inverse = state
-        y = _PermuteRows.apply(y_sorted, inverse, order).view(*weights.shape, y_sorted.shape[-1])  # (N, k, D)
+        y = permute_rows(y_sorted, inverse, order).view(*weights.shape, y_sorted.shape[-1])  # (N, k, D)
         if y.is_cuda:  # a (1 × k) @ (k × D) bmm per token is a poor GEMM on GPUs: multiply and sum
             return (y * weights[..., None].to(y.dtype)).sum(dim=1)  # (N, D)
         return torch.bmm(weights[:, None, :].to(y.dtype), y).squeeze(1)  # (N, D)
@@ -505,9 +285,9 @@ class DeepSeekMoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(
                     indices.flatten(), minlength=self.n_routed_experts
                 ).float()
-        x_sorted, counts, state = self.dispatcher.dispatch(flat, indices)
-        y_sorted = self.experts(x_sorted, counts)
-        return self.dispatcher.combine(y_sorted, weights, state)
+        x_sorted, counts, state = self.dispatcher.dispatch(flat, indices)  # (S, D), S = N·k on one device
+        y_sorted = self.experts(x_sorted, counts)  # (S, D)
+        return self.dispatcher.combine(y_sorted, weights, state)  # (N, D)
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, rate: float) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from numpy.polynomial import hermite, hermite_e, laguerre
 from torch import nn
 
-import deepsuite.layers
+import deepsuite.vision
 from deepsuite.vision.layers import (
     DFT,
     Bottleneck,
@@ -23,7 +23,7 @@ from deepsuite.vision.layers import (
 )
 
 
-def test_seed_import_paths_resolve_to_the_vision_layers():
+def test_vision_package_exports_the_specialised_layers():
     for name in (
         "Bottleneck",
         "ComplexConv2d",
@@ -32,7 +32,7 @@ def test_seed_import_paths_resolve_to_the_vision_layers():
         "HermiteFeatures",
         "LaguerreFeatures",
     ):
-        assert getattr(deepsuite.layers, name) is getattr(deepsuite.vision.layers, name)
+        assert getattr(deepsuite.vision, name) is getattr(deepsuite.vision.layers, name)
 
 
 # ---------------------------------------------------------------- bottleneck
