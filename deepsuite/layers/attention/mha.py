@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from deepsuite.generation.kv_cache import KVCache
 from deepsuite.layers.attention.backend import attention
-
-if TYPE_CHECKING:
-    from deepsuite.generation.kv_cache import KVCache
 
 
 class MultiHeadAttention(nn.Module):
