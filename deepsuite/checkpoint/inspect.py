@@ -356,9 +356,7 @@ def _inspect_training(step_dir: Path) -> dict[str, Any]:
     state = verify_checkpoint(step_dir)  # manifest sizes + every DeepSpeed file loads weights-only
     cfg = load_config_of(step_dir)
     tensors, ep_size = _training_tensors(step_dir / DS_TAG)
-    from deepsuite.config.loader import resolve_model_args
-
-    args = resolve_model_args(cfg.model)
+    args = cfg.model.resolved_args
     parameters = _count_parameters(_meta_model(cfg.model.name, args), tensors, str(step_dir))
     names = sorted([*state["files"], STATE_FILE])
     ranks: dict[str, list[str]] = {}

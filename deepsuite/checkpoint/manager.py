@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from deepsuite.checkpoint.rng import capture_rng_state, restore_rng_state
-from deepsuite.config.loader import config_to_dict, resolve_model_args
+from deepsuite.config.loader import config_to_dict
 from deepsuite.config.schema import Config
 
 STATE_FILE = "state.json"
@@ -95,7 +95,7 @@ def _write_durable(path: Path, text: str) -> None:
 
 def model_signature(cfg: Config) -> dict[str, Any]:
     """The model family and its resolved args: what a checkpoint's weights depend on."""
-    args = resolve_model_args(cfg.model)
+    args = cfg.model.resolved_args
     return {"name": cfg.model.name, "args": dataclasses.asdict(args)}
 
 
@@ -454,13 +454,12 @@ def _derived_param_names(path: Path, module: dict[str, Any]) -> list[list[str]]:
     The caller checks every master against the stored bf16 copy, so a mismatch cannot pass."""
     import torch
 
-    from deepsuite.config.loader import resolve_model_args
     from deepsuite.models.registry import get_model_spec
     from deepsuite.training.optim import param_groups
 
     cfg = load_config_of(path)
     with torch.device("meta"):
-        model = get_model_spec(cfg.model.name).model_cls(resolve_model_args(cfg.model))
+        model = get_model_spec(cfg.model.name).model_cls(cfg.model.resolved_args)
     name_of = {id(p): n for n, p in model.named_parameters()}
     groups = [
         [name_of[id(p)] for p in g["params"] if p.requires_grad and p.numel() > 0]

@@ -2,15 +2,13 @@
 
 from deepsuite.config.docs import field_docs
 from deepsuite.config.errors import ConfigError
+from deepsuite.config.families import MODEL_FAMILIES, Family, get_family
 from deepsuite.config.loader import (
-    MODEL_FAMILIES,
     config_from_dict,
     config_to_dict,
     dump_config,
-    family_module,
     load_config,
     parse_override,
-    resolve_model_args,
 )
 from deepsuite.config.schema import (
     SECTIONS,
@@ -37,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "FP8Config",
+    "Family",
     "LoggingConfig",
     "LossConfig",
     "ModelConfig",
@@ -47,9 +46,8 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "dump_config",
-    "family_module",
     "field_docs",
+    "get_family",
     "load_config",
     "parse_override",
-    "resolve_model_args",
 ]

@@ -8,130 +8,17 @@ file with a Python tag is refused instead of executed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import math
-import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_origin
 
 import yaml
 
+from deepsuite.config.coerce import build_dataclass, suggest
 from deepsuite.config.errors import ConfigError, ConfigWarning
 from deepsuite.config.schema import SECTIONS, Config, ModelConfig
-
-# Family name -> torch-free module exposing ARGS_CLASS (a dataclass with validate()) and FLAVORS.
-MODEL_FAMILIES: dict[str, str] = {
-    "gpt": "deepsuite.models.gpt.config",
-    "deepseek_v3": "deepsuite.models.deepseek_v3.config",
-}
-
-
-def _suggest(key: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def family_module(name: str) -> types.ModuleType:
-    """Import the torch-free config module of a model family, or raise a `ConfigError`."""
-    if name not in MODEL_FAMILIES:
-        raise ConfigError(
-            f"model.name={name!r} is not a known model family{_suggest(name, MODEL_FAMILIES)} "
-            f"(choose one of {sorted(MODEL_FAMILIES)})"
-        )
-    return importlib.import_module(MODEL_FAMILIES[name])
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (with safe numeric widening) or raise `ConfigError`."""
-    if tp is Any:
-        return value
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            hint = _suggest(str(value), [str(c) for c in choices])
-            raise ConfigError(f"{key}={value!r} is not allowed{hint} (choose one of {list(choices)})")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        members = get_args(tp)
-        if value is None and type(None) in members:
-            return None
-        errors = []
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                return coerce(value, member, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}={value!r} has the wrong type")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list (write it as [a, b] in YAML)")
-        (item_tp,) = get_args(tp) or (Any,)
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be an integer") from None
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be a number") from None
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return str(value)
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
-
-
-def build_dataclass(cls: type, values: dict[str, Any], prefix: str, allow_extra: bool = False) -> Any:
-    """Build dataclass `cls` from `values`, checking names and types; `prefix` names the section."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}={values!r} must be a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in names:
-            if allow_extra:
-                continue
-            raise ConfigError(
-                f"unknown key '{prefix}.{key}'{_suggest(str(key), names)} (valid keys: {', '.join(names)})"
-            )
-        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
-    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -213,36 +100,12 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def resolve_model_args(model: ModelConfig) -> Any:
-    """The family's model-args dataclass for `model` (flavor values, then overrides), validated."""
-    module = family_module(model.name)
-    flavors: dict[str, Any] = module.FLAVORS
-    if model.flavor not in flavors:
-        raise ConfigError(
-            f"model.flavor={model.flavor!r} is not a {model.name} flavor{_suggest(model.flavor, flavors)} "
-            f"(choose one of {', '.join(flavors)})"
-        )
-    base = dataclasses.asdict(flavors[model.flavor])
-    base.update(model.args)
-    args = build_dataclass(module.ARGS_CLASS, base, "model")
-    for f in dataclasses.fields(args):
-        value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            default = getattr(flavors[model.flavor], f.name)
-            raise ConfigError(
-                f"model.{f.name}={value} must be a finite number, e.g. model.{f.name}={default} "
-                f"(the {model.flavor} value)"
-            )
-    args.validate()
-    return args
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a `Config` from a nested dict of sections."""
     for section in data:
         if section not in SECTIONS:
             raise ConfigError(
-                f"unknown section '{section}'{_suggest(str(section), SECTIONS)} "
+                f"unknown section '{section}'{suggest(str(section), SECTIONS)} "
                 f"(valid sections: {', '.join(SECTIONS)})"
             )
     built: dict[str, Any] = {}
@@ -406,7 +269,7 @@ def check_schedule(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; model sizes are checked by the family's args `validate()`."""
-    resolve_model_args(cfg.model)
+    args = cfg.model.resolved_args  # built here, once: every later reader gets this object
     t = cfg.training
     _positive("training.steps", t.steps)
     _positive("training.seq_len", t.seq_len)
@@ -465,7 +328,6 @@ def validate(cfg: Config) -> None:
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
     check_deepspeed_passthrough(p.deepspeed)
-    args = resolve_model_args(cfg.model)
     n_experts = getattr(args, "n_routed_experts", 0)
     if p.ep_size > 1 and not n_experts:
         has = "model.n_routed_experts=0" if hasattr(args, "n_routed_experts") else "no routed experts"

@@ -11,7 +11,7 @@ import typing
 from typing import Any
 
 from deepsuite.config.docs import field_docs
-from deepsuite.config.loader import MODEL_FAMILIES, family_module
+from deepsuite.config.families import MODEL_FAMILIES
 from deepsuite.config.schema import SECTIONS
 
 
@@ -34,11 +34,7 @@ def missing_docs() -> list[str]:
     """Fields of the schema and of every model family's args without a docstring."""
     missing = []
     classes = [(name, cls) for name, cls in SECTIONS.items()]
-    for family in MODEL_FAMILIES:
-        try:
-            classes.append((f"model ({family})", family_module(family).ARGS_CLASS))
-        except ImportError:
-            continue
+    classes += [(f"model ({name})", family.args_cls) for name, family in MODEL_FAMILIES.items()]
     for label, cls in classes:
         docs = field_docs(cls)
         missing += [f"{label}.{f.name}" for f in dataclasses.fields(cls) if not docs.get(f.name)]
@@ -72,19 +68,15 @@ def render() -> str:
         out += [f"## `{name}`", "", (cls.__doc__ or "").strip(), ""]
         out += _table(cls, f"{name}.", skip=("args",) if name == "model" else ())
         out.append("")
-    for family in MODEL_FAMILIES:
-        try:
-            module = family_module(family)
-        except ImportError:
-            continue
+    for name, family in MODEL_FAMILIES.items():
         out += [
-            f"## `model` fields of `{family}`",
+            f"## `model` fields of `{name}`",
             "",
-            f"Set with `model.name: {family}`; defaults come from the chosen flavor "
-            f"({', '.join(f'`{k}`' for k in module.FLAVORS)}), the table shows the dataclass defaults.",
+            f"Set with `model.name: {name}`; defaults come from the chosen flavor "
+            f"({', '.join(f'`{k}`' for k in family.flavors)}), the table shows the dataclass defaults.",
             "",
         ]
-        out += _table(module.ARGS_CLASS, "model.")
+        out += _table(family.args_cls, "model.")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

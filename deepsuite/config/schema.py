@@ -7,7 +7,10 @@ overrides and validates the result. This module imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
+
+from deepsuite.config.families import build_args
 
 
 @dataclass
@@ -22,6 +25,12 @@ class ModelConfig:
 
     args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the flavor's model fields (written as plain keys of `model:` in YAML, e.g. `model.n_layers=4`)."""
+
+    @cached_property
+    def resolved_args(self) -> Any:
+        """The family's args dataclass (e.g. `GPTConfig`): the flavor's values with `args` applied,
+        validated. Built once, on first use (`load_config` does it); not a field, so dumps leave it out."""
+        return build_args(self.name, self.flavor, self.args)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from deepsuite.checkpoint.hf_io import (
     write_hf_folder,
 )
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import MODEL_FAMILIES
+from deepsuite.config.families import MODEL_FAMILIES
 from deepsuite.models.registry import ModelSpec, family_for_hf_model_type, get_model_spec
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

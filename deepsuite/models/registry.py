@@ -14,6 +14,9 @@ rely on it):
   so model code never imports distributed machinery).
 * ``spec.hf_adapter`` is a module path with ``config_to_hf``, ``config_from_hf``,
   ``state_dict_to_hf`` and ``state_dict_from_hf``; ``spec.hf_model_types`` the HF ``model_type`` values.
+
+The families themselves are listed once, in `deepsuite.config.families.MODEL_FAMILIES`; a
+`ModelSpec` is that entry plus the imports of its code.
 """
 
 from __future__ import annotations
@@ -28,21 +31,13 @@ import torch
 from torch import nn
 
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import MODEL_FAMILIES, family_module, resolve_model_args
+from deepsuite.config.families import MODEL_FAMILIES, Family, get_family
 from deepsuite.config.schema import ModelConfig
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Everything deepsuite needs to know about one model family."""
-
-    name: str
-    args_cls: type
-    flavors: dict[str, Any]
-    model_path: str
-    parallelize: str
-    hf_adapter: str
-    hf_model_types: tuple[str, ...]
+class ModelSpec(Family):
+    """Everything deepsuite needs to know about one model family: its `Family` entry, with its code."""
 
     @property
     def model_cls(self) -> type[nn.Module]:
@@ -60,34 +55,18 @@ class ModelSpec:
         return importlib.import_module(self.hf_adapter)
 
 
-_SPECS: dict[str, dict[str, Any]] = {
-    "gpt": dict(
-        model_path="deepsuite.models.gpt.model:GPT",
-        parallelize="deepsuite.parallel.parallelize:parallelize_model",
-        hf_adapter="deepsuite.models.gpt.hf_adapter",
-        hf_model_types=("gpt2",),
-    ),
-    "deepseek_v3": dict(
-        model_path="deepsuite.models.deepseek_v3.model:DeepSeekV3",
-        parallelize="deepsuite.parallel.parallelize:parallelize_model",
-        hf_adapter="deepsuite.models.deepseek_v3.hf_adapter",
-        hf_model_types=("deepseek_v3",),
-    ),
-}
-
-
 def get_model_spec(name: str) -> ModelSpec:
     """The `ModelSpec` of family ``name`` (``gpt`` or ``deepseek_v3``)."""
-    module = family_module(name)
-    return ModelSpec(name=name, args_cls=module.ARGS_CLASS, flavors=module.FLAVORS, **_SPECS[name])
+    family = get_family(name)
+    return ModelSpec(**{f.name: getattr(family, f.name) for f in dataclasses.fields(family)})
 
 
 def family_for_hf_model_type(model_type: str) -> ModelSpec:
     """The family that reads HF checkpoints of ``model_type`` (from config.json)."""
-    for name in MODEL_FAMILIES:
-        if model_type in _SPECS[name]["hf_model_types"]:
+    for name, family in MODEL_FAMILIES.items():
+        if model_type in family.hf_model_types:
             return get_model_spec(name)
-    known = sorted(t for s in _SPECS.values() for t in s["hf_model_types"])
+    known = sorted(t for family in MODEL_FAMILIES.values() for t in family.hf_model_types)
     raise ConfigError(f"HF model_type={model_type!r} is not supported (supported: {known})")
 
 
@@ -111,13 +90,40 @@ def build_model(
         model_cfg = ModelConfig(name=name, flavor=flavor, args=dict(overrides))
     elif overrides:
         model_cfg = dataclasses.replace(model_cfg, args={**model_cfg.args, **overrides})
-    args = resolve_model_args(model_cfg)
     spec = get_model_spec(model_cfg.name)
     with torch.device("meta"):
-        model = spec.model_cls(args)
+        model = spec.model_cls(model_cfg.resolved_args)
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device)
     if init:
         model.init_weights()  # type: ignore[operator]
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and engine/DDP (``module``) wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and not hasattr(model, "args"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def model_family(model: nn.Module) -> str:
+    """Registry family name of ``model`` (matched on its class, without importing other families)."""
+    specs: list[ModelSpec] = []
+    for name in MODEL_FAMILIES:
+        try:
+            specs.append(get_model_spec(name))
+        except ImportError:  # a family whose code is not there (yet) cannot own this model
+            continue
+    for base in type(model).__mro__:  # the class itself first, then the classes it derives from
+        path = f"{base.__module__}:{base.__qualname__}"
+        for spec in specs:
+            if spec.model_path == path:
+                return spec.name
+    raise ConfigError(f"{type(model).__name__} is not a model of any registered family")

@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import MODEL_FAMILIES, family_module, resolve_model_args
+from deepsuite.config.families import MODEL_FAMILIES, get_family
 from deepsuite.config.schema import ModelConfig
 
 GIB = 1024**3
@@ -161,7 +162,7 @@ def count_params(model_cfg: ModelConfig) -> ParamCounts:
     from deepsuite.models.registry import get_model_spec
     from deepsuite.parallel.expert_parallel import expert_parallel_modules
 
-    args = resolve_model_args(model_cfg)
+    args = model_cfg.resolved_args
     with torch.device("meta"):
         model = get_model_spec(model_cfg.name).model_cls(args)
     moe = expert_parallel_modules(model)
@@ -426,16 +427,14 @@ def find_flavor(name: str) -> ModelConfig:
     ``family`` (its first flavor)."""
     if ":" in name:
         family, flavor = name.split(":", 1)
-        family_module(family)
+        get_family(family)
         return ModelConfig(name=family, flavor=flavor)
     if name in MODEL_FAMILIES:
-        return ModelConfig(name=name, flavor=next(iter(family_module(name).FLAVORS)))
-    for family in MODEL_FAMILIES:
-        if name in family_module(family).FLAVORS:
-            return ModelConfig(name=family, flavor=name)
-    import difflib
-
-    known = sorted(f for fam in MODEL_FAMILIES for f in family_module(fam).FLAVORS)
+        return ModelConfig(name=name, flavor=next(iter(MODEL_FAMILIES[name].flavors)))
+    for entry in MODEL_FAMILIES.values():
+        if name in entry.flavors:
+            return ModelConfig(name=entry.name, flavor=name)
+    known = sorted(f for entry in MODEL_FAMILIES.values() for f in entry.flavors)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"--model {name!r} is not a known flavor{hint} (choose one of {', '.join(known)})")

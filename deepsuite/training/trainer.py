@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import config_to_dict, dump_config, resolve_model_args
+from deepsuite.config.loader import config_to_dict, dump_config
 from deepsuite.config.schema import Config
 from deepsuite.heads import LM_IGNORE_INDEX
 
@@ -659,7 +659,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
     from deepsuite.parallel.groups import validate_parallel_layout
 
-    n_experts = getattr(resolve_model_args(cfg.model), "n_routed_experts", 0)
+    n_experts = getattr(cfg.model.resolved_args, "n_routed_experts", 0)
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
@@ -680,7 +680,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
 
 def _check_vocab(cfg: Config, meta: dict[str, Any], data_dir: Path) -> None:
     """The model's vocabulary must hold every id of the prepared data's tokenizer."""
-    vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
+    vocab = getattr(cfg.model.resolved_args, "vocab_size", None)
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "

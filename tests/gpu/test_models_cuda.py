@@ -16,10 +16,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _flavor_or_skip(name: str, flavor: str) -> None:
     from deepsuite.config.errors import ConfigError
-    from deepsuite.config.loader import family_module
+    from deepsuite.config.families import get_family
 
     try:
-        flavors = family_module(name).FLAVORS
+        flavors = get_family(name).flavors
     except (ConfigError, ImportError) as err:
         pytest.skip(f"model family {name!r} is not available yet: {err}")
     if flavor not in flavors:
@@ -65,7 +65,8 @@ def test_flash_attention_matches_sdpa() -> None:
 def test_experts_under_cuda_autocast_run_grouped_mm_and_match_the_loop() -> None:
     """fp32 master experts under bf16 autocast take the grouped_mm kernel; outputs and grads
     equal the per-expert loop (which autocast casts the same way) within bf16 error."""
-    from deepsuite.layers.moe import GroupedExperts, grouped_mm_supported
+    from deepsuite.layers.moe import GroupedExperts
+    from deepsuite.layers.moe_kernels import grouped_mm_supported
 
     probe = torch.empty(0, device="cuda", dtype=torch.bfloat16)
     if not grouped_mm_supported(probe):

@@ -8,9 +8,8 @@ import dataclasses
 import pytest
 
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import resolve_model_args
+from deepsuite.config.families.deepseek_v3 import count_parameters
 from deepsuite.config.schema import ModelConfig
-from deepsuite.models.deepseek_v3.config import count_parameters
 from deepsuite.parallel.plan import (
     GIB,
     PlanInput,
@@ -31,7 +30,7 @@ def v3_counts():
 
 
 def test_671b_counts_match_the_published_sizes(v3_counts) -> None:
-    ref = count_parameters(resolve_model_args(V3))
+    ref = count_parameters(V3.resolved_args)
     assert v3_counts.total == ref["total_with_mtp"]
     assert abs(ref["total"] / 1e9 - 671) < 1.0  # DeepSeek-V3: 671B without the MTP module
     assert v3_counts.n_routed_experts == 256

@@ -151,11 +151,11 @@ def _train_curve(
 def train_gap(device: str, steps: int, quick: bool, plot: bool = True) -> dict[str, Any]:
     """Train bf16 and native FP8 on the same data and seed; the relative gap of the final loss
     (mean of the last 10 % of steps, to smooth batch noise)."""
-    from deepsuite.config.loader import family_module
+    from deepsuite.config.families import get_family
 
     name, flavor = "deepseek_v3", "deepseek-v3-debug"
     try:
-        if flavor not in family_module(name).FLAVORS:
+        if flavor not in get_family(name).flavors:
             raise KeyError(flavor)
         _build(name, flavor, "meta", 0)
     except Exception:
