@@ -5,6 +5,9 @@ Thin: each subcommand parses its arguments and calls one function of the package
 `convert`, `consolidate` and `inspect` subcommands as stand-alone scripts (`tool_main`). A user error
 (bad config, data or checkpoint) prints one line `error: …` on stderr and exits with status 2,
 without a traceback; a diverged run exits with status 3.
+
+Only torch-free modules are imported here; each subcommand imports its torch side when it runs, so
+`deepsuite --help` and config errors answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from deepsuite.config import ConfigError, load_config
+from deepsuite.config.loader import check_schedule
+from deepsuite.data.errors import DataError
+from deepsuite.parallel.plan import add_plan_arguments, plan_main
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -210,15 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         "optimizer and activation memory and all-to-all bytes per step for nodes × GPUs × ZeRO stage × "
         "ep_size × micro-batch × sequence length; says what does not fit and which layouts would.",
     )
-    from deepsuite.parallel.plan import add_plan_arguments
-
     add_plan_arguments(p)
     return parser
 
 
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from deepsuite.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
@@ -226,13 +230,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`deepsuite train`."""
     cfg = _config(args)
     if os.environ.get("RANK", "0") == "0":  # one warning per run, not per rank
-        from deepsuite.config.loader import check_schedule
-
         check_schedule(cfg)
     resume = None
     if args.resume and cfg.checkpoint.resume == "never":
-        from deepsuite.config import ConfigError
-
         raise ConfigError("--resume contradicts checkpoint.resume=never; drop one of them")
     if args.resume:
         from deepsuite.checkpoint.manager import CheckpointError, find_checkpoint
@@ -261,13 +261,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """`deepsuite generate`."""
-    from deepsuite.checkpoint.manager import find_checkpoint, load_model_from_checkpoint
-    from deepsuite.config import ConfigError
-    from deepsuite.data import Tokenizer
-    from deepsuite.training.trainer import generate_text
-
+def _check_sampling_flags(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
     if args.temperature < 0:
@@ -278,53 +272,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--top-p={args.top_p} must be in (0, 1]; leave it out to turn nucleus sampling off"
         )
-    folder = Path(args.checkpoint)
+
+
+def _model_and_tokenizer(source: str) -> tuple[typing.Any, typing.Any]:
+    """The model in `source` (an HF or deepsuite model folder, a run folder or a step_N folder) and
+    the tokenizer stored with it."""
+    from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
+    from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint, load_model_from_checkpoint
+    from deepsuite.data.tokenizer import Tokenizer
+    from deepsuite.models.hf import load_hf
+
+    path = Path(source)
     model: typing.Any
-    if (folder / "config.json").is_file() or (folder / "model.yaml").is_file():
-        # a model folder (HF or deepsuite): the model and the tokenizer stored beside it
-        from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
-        from deepsuite.models.hf import load_hf
-
-        path = folder
-        model = load_hf(folder) if (folder / "config.json").is_file() else load_model(folder)
-        tok_file = folder_tokenizer(folder)
+    if (path / "config.json").is_file() or (path / "model.yaml").is_file():
+        model = load_hf(path) if (path / "config.json").is_file() else load_model(path)
+        tok_file = folder_tokenizer(path)
     else:
-        from deepsuite.checkpoint.manager import checkpoint_tokenizer
-
-        path = find_checkpoint(args.checkpoint)
+        path = find_checkpoint(path)
         model, state, _ = load_model_from_checkpoint(path)
-        tok_file = checkpoint_tokenizer(path) or (
-            Path(state["tokenizer"]) if state.get("tokenizer") else None
-        )
+        recorded = state.get("tokenizer")  # the data folder's file, where the checkpoint kept no copy
+        tok_file = checkpoint_tokenizer(path) or (Path(recorded) if recorded else None)
     if tok_file is None:
         raise ConfigError(
             f"{path} holds no tokenizer (tokenizer.model or tokenizer.json); export the model from its training "
             "run (deepsuite convert ... copies the run's tokenizer) or copy the tokenizer into the folder"
         )
-    tok = Tokenizer(tok_file)
-    if args.speculative and getattr(getattr(model, "args", None), "mtp_depth", 0) < 1:
-        raise ConfigError(
-            f"--speculative drafts with the MTP module, but {path} holds a {type(model).__name__} without one; "
-            "drop --speculative"
-        )
-    limit = getattr(getattr(model, "args", None), "max_seq_len", None)
-    n_prompt = len(tok.encode(args.prompt))
-    if limit is not None and n_prompt + args.max_new_tokens > limit:
-        if n_prompt >= limit:
-            raise ConfigError(
-                f"--prompt is {n_prompt} tokens but the model's max_seq_len is {limit}: shorten it to fewer "
-                f"than {limit} tokens"
-            )
+    return model, Tokenizer(tok_file)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`deepsuite generate`: the sampling flags are checked before the checkpoint is looked for."""
+    from deepsuite.generation.text import encode_prompt, generate_text
+
+    _check_sampling_flags(args)
+    model, tok = _model_and_tokenizer(args.checkpoint)
+    ids, fits = encode_prompt(model, tok, args.prompt, args.max_new_tokens, speculative=args.speculative)
+    if fits < args.max_new_tokens:  # then prompt + fits tokens fill the model's max_seq_len
         print(
-            f"note: --max-new-tokens {args.max_new_tokens} shortened to {limit - n_prompt} "
-            f"(prompt {n_prompt} tokens, max_seq_len {limit})",
+            f"note: --max-new-tokens {args.max_new_tokens} shortened to {fits} "
+            f"(prompt {len(ids)} tokens, max_seq_len {len(ids) + fits})",
             file=sys.stderr,
         )
     text = generate_text(
         model,
         tok,
         args.prompt,
-        args.max_new_tokens,
+        fits,
         temperature=0.0 if args.speculative else args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
@@ -437,8 +430,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`deepsuite plan`."""
-    from deepsuite.parallel.plan import plan_main
-
     return plan_main(args)
 
 
@@ -454,13 +445,12 @@ _COMMANDS = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from deepsuite.config.errors import ConfigError
-    from deepsuite.data.errors import DataError
-
+    # the torch-side error classes count once their modules are loaded (they raise nothing before)
     errors: list[type[BaseException]] = [ConfigError, DataError, NotImplementedError]
     for module, name in (
         ("deepsuite.checkpoint.manager", "CheckpointError"),
         ("deepsuite.checkpoint.hf_io", "CheckpointFormatError"),
+        ("deepsuite.generation.text", "GenerationError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None:

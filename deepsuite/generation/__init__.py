@@ -1,4 +1,5 @@
-"""Text generation: sampling, KV caches (full K/V for GPT, latent for MLA), MTP speculative decoding."""
+"""Text generation: sampling, KV caches (full K/V for GPT, latent for MLA), MTP speculative decoding,
+and text in / text out through a tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 _LAZY = {
     "generate": "deepsuite.generation.generate",
+    "generate_text": "deepsuite.generation.text",
+    "encode_prompt": "deepsuite.generation.text",
+    "GenerationError": "deepsuite.generation.text",
     "sample_next_token": "deepsuite.generation.sampling",
     "KVCache": "deepsuite.generation.kv_cache",
     "LatentKVCache": "deepsuite.generation.latent_cache",

@@ -11,7 +11,6 @@ _LAZY = {
     "TrainingDivergedError": "deepsuite.training.trainer",
     "train": "deepsuite.training.trainer",
     "dry_run": "deepsuite.training.trainer",
-    "generate_text": "deepsuite.training.trainer",
     "build_optimizer": "deepsuite.training.optim",
     "build_scheduler": "deepsuite.training.optim",
     "lr_factor": "deepsuite.training.optim",

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from deepsuite.config.loader import config_to_dict
 from deepsuite.config.schema import Config, LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,12 +98,10 @@ def wandb_run_id(run_dir: str | os.PathLike[str], resume: bool) -> str:
 
 
 def _init_wandb(log_cfg: LoggingConfig, cfg: Config, resume: bool = False) -> Any:
-    try:
+    try:  # imported only when asked for: wandb takes seconds to import
         import wandb
     except ImportError:
         raise NotImplementedError("logging.wandb=true needs the `wandb` package: pip install wandb") from None
-    from deepsuite.config.loader import config_to_dict
-
     return wandb.init(
         project=log_cfg.wandb_project,
         name=log_cfg.wandb_run_name or None,

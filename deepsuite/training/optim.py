@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deepsuite.config.schema import OptimConfig, ScheduleConfig
+from deepsuite.parallel.groups import optimizer_param_groups
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,8 +38,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     Expert-parallel parameters go to extra DeepSpeed "moe" groups (reduced over their
     expert-data-parallel replicas only); without expert parallelism the groups are unchanged.
     """
-    from deepsuite.parallel.groups import optimizer_param_groups
-
     groups = [dict(g, name=f"group{i}") for i, g in enumerate(param_groups(model, cfg.weight_decay))]
     return torch.optim.AdamW(
         optimizer_param_groups(groups),

@@ -8,21 +8,57 @@ micro-batches each, evaluating, logging and checkpointing on the way, and prints
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
+from deepsuite.checkpoint.init_from import load_initial_weights, missing_source_error
+from deepsuite.checkpoint.manager import (
+    check_compatible,
+    check_writable,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from deepsuite.checkpoint.rng import seed_everything
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import config_to_dict, dump_config
+from deepsuite.config.loader import config_to_dict, dump_config, resolve_model_args
 from deepsuite.config.schema import Config
+from deepsuite.data.sampler import WindowSampler, eval_starts, rank_slice, windows_batch
+from deepsuite.data.shards import TokenShards, read_meta
+from deepsuite.data.tokenizer import Tokenizer
+from deepsuite.fp8 import prepare_fp8, te_blockers_for
+from deepsuite.generation.text import generate_text
 from deepsuite.heads import LM_IGNORE_INDEX
+from deepsuite.models.registry import build_model, get_model_spec
+from deepsuite.parallel.balancing import moe_layers, update_router_biases
+from deepsuite.parallel.deepspeed import build_ds_config, initialize_engine, resolve_batch
+from deepsuite.parallel.dist import (
+    ParallelDims,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    amax_reduction_group,
+    init_distributed,
+    restore_torch_linear,
+    world_from_env,
+)
+from deepsuite.parallel.groups import validate_parallel_layout
+from deepsuite.training.cpu_memory import keep_freed_memory_in_heap
+from deepsuite.training.metrics import MetricsLogger
+from deepsuite.training.optim import build_optimizer, build_scheduler
 
 
 class TrainingDivergedError(RuntimeError):
@@ -45,16 +81,14 @@ agent send."""
 
 
 class _StopSignals:
-    """Records stop signals while a run trains (main thread only); previous handlers come back on exit."""
+    """``with _StopSignals() as stop:`` records stop signals while a run trains (main thread only);
+    the previous handlers come back when the block ends."""
 
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
@@ -66,8 +100,6 @@ class _StopSignals:
         self.signum = self.signum or signum
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -76,8 +108,6 @@ class _StopSignals:
         process needs no collective (and no device sync) for that."""
         if world_size == 1:
             return self.signum
-        from deepsuite.parallel.dist import all_reduce_max
-
         flag = torch.tensor([float(self.signum)], device=device)
         return int(all_reduce_max(flag).item())
 
@@ -134,14 +164,6 @@ def describe_layout(cfg: Config, dims: Any, layout: Any, ds_config: dict[str, An
 def _prepare_fp8(model: nn.Module, cfg: Config) -> Any:
     if not cfg.fp8.enabled:
         return None
-    try:
-        from deepsuite.fp8 import prepare_fp8
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"fp8.enabled=true needs deepsuite.fp8.prepare_fp8, which is missing ({exc})"
-        ) from None
-    from deepsuite.fp8 import te_blockers_for
-
     blockers = te_blockers_for(cfg.parallel.ep_size, cfg.parallel.activation_checkpointing)
     return prepare_fp8(model, cfg.fp8, blockers)
 
@@ -157,21 +179,12 @@ class Trainer:
     """Owns the engine, data and state of one training run (see `train`)."""
 
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
-        from deepsuite.checkpoint.manager import (
-            check_writable,
-        )
-        from deepsuite.data import TokenShards, WindowSampler, read_meta
-        from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
-        from deepsuite.parallel.dist import init_distributed
-
         self.cfg = cfg
         self.dims = init_distributed(cfg.parallel.backend, cfg.parallel.ep_size)
         self.layout = resolve_batch(cfg.training, self.dims.dp_size)
         self.ds_config = build_ds_config(cfg, self.dims)
         self.device = self.dims.device
         if torch.device(self.device).type == "cpu" and cfg.training.cpu_heap_reuse:
-            from deepsuite.training.cpu_memory import keep_freed_memory_in_heap
-
             keep_freed_memory_in_heap()
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir)
@@ -206,17 +219,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- building
     def _build_engine(self) -> Any:
-        from deepsuite.checkpoint.rng import seed_everything
-        from deepsuite.models.registry import build_model, get_model_spec
-        from deepsuite.parallel.deepspeed import initialize_engine
-        from deepsuite.training.optim import build_optimizer, build_scheduler
-
         cfg = self.cfg
         seed_everything(cfg.training.seed)
         model = build_model(cfg.model, device=self.device)
         if cfg.checkpoint.init_from and self.resume_from is None:
-            from deepsuite.checkpoint.init_from import load_initial_weights
-
             _say(self.dims, load_initial_weights(model, cfg.checkpoint.init_from))
         elif cfg.checkpoint.init_from:
             _say(self.dims, f"checkpoint.init_from ignored: resuming from {self.resume_from}")
@@ -225,11 +231,8 @@ class Trainer:
         model = spec.parallelize_fn()(model, self.dims, cfg)
         self.fp8 = _prepare_fp8(model, cfg)
         if self.fp8 is not None and hasattr(self.fp8, "amax_group"):
-            from deepsuite.parallel.dist import amax_reduction_group
-
-            self.fp8.amax_group = (
-                amax_reduction_group()
-            )  # TE delayed scaling: one scale per tensor across ranks
+            # TE delayed scaling: one scale per tensor across ranks
+            self.fp8.amax_group = amax_reduction_group()
         if self.fp8 is not None:
             _say(self.dims, str(getattr(self.fp8, "summary", "")))
         self.model = model
@@ -243,15 +246,11 @@ class Trainer:
 
     @property
     def has_moe(self) -> bool:
-        from deepsuite.parallel.balancing import moe_layers
-
         return bool(moe_layers(self.model))
 
     # ---------------------------------------------------------------------------------- state
     def load(self) -> None:
         """Resume from `self.resume_from` (if any)."""
-        from deepsuite.checkpoint.manager import load_checkpoint
-
         if self.resume_from is None:
             return
         state = load_checkpoint(self.engine, self.resume_from, self.dims.rank)
@@ -279,9 +278,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step."""
-        from deepsuite.checkpoint.manager import save_checkpoint
-
-        path = save_checkpoint(
+        return save_checkpoint(
             self.engine,
             self.ckpt_dir,
             self.step,
@@ -292,7 +289,6 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             tokenizer_path=self.tokenizer_path,
         )
-        return path
 
     # ----------------------------------------------------------------------------------- steps
     def _autocast(self) -> Any:
@@ -300,10 +296,6 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its metrics."""
-        from deepsuite.data import rank_slice
-        from deepsuite.parallel.balancing import update_router_biases
-        from deepsuite.parallel.dist import all_reduce_mean
-
         engine, layout, cfg = self.engine, self.layout, self.cfg
         if hasattr(self.model, "mtp_lambda"):
             self.model.mtp_lambda = mtp_lambda_at(cfg, self.step)  # type: ignore[assignment]
@@ -355,9 +347,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over fixed windows (the same every time, whatever the world size)."""
-        from deepsuite.data import eval_starts, windows_batch
-        from deepsuite.parallel.dist import all_reduce_sum
-
         cfg = self.cfg
         micro, world = self.layout.micro_batch_size, self.dims.dp_size
         starts = eval_starts(self.val_data, cfg.training.seq_len, cfg.training.eval_batches * micro)
@@ -402,26 +391,27 @@ class Trainer:
             }
         return float(total[0] / total[1])
 
-    def sample(self) -> str:
-        """Generate `training.sample_tokens` tokens after `training.sample_prompt` (rank 0 prints)."""
-        from deepsuite.data import Tokenizer
+    @property
+    def _generates(self) -> bool:
+        """Whether this rank runs generation. ZeRO-3 gathers weights and expert parallelism
+        exchanges tokens collectively: then every rank generates (the same tokens: same seed, same
+        logits); otherwise rank 0 alone."""
+        return self.cfg.parallel.zero_stage == 3 or self.cfg.parallel.ep_size > 1 or self.dims.is_main
 
+    def sample(self) -> str:
+        """Generate `training.sample_tokens` tokens after `training.sample_prompt` ("" where this
+        rank does not generate)."""
         cfg = self.cfg
-        if cfg.training.sample_tokens == 0:
+        if cfg.training.sample_tokens == 0 or not self._generates:
             return ""
-        # ZeRO-3 gathers weights and expert parallelism exchanges tokens collectively: every rank
-        # generates (the same tokens: same seed, same logits)
-        if cfg.parallel.zero_stage == 3 or cfg.parallel.ep_size > 1 or self.dims.is_main:
-            tok = Tokenizer(self.tokenizer_path)
-            return generate_text(
-                self.engine.module,
-                tok,
-                cfg.training.sample_prompt,
-                cfg.training.sample_tokens,
-                self.device,
-                seed=cfg.training.seed,
-            )
-        return ""
+        return generate_text(
+            self.engine.module,
+            Tokenizer(self.tokenizer_path),
+            cfg.training.sample_prompt,
+            cfg.training.sample_tokens,
+            self.device,
+            seed=cfg.training.seed,
+        )
 
     @torch.no_grad()
     def mtp_acceptance(
@@ -430,8 +420,7 @@ class Trainer:
         """Greedy speculative decoding (MTP drafts, main model verifies) on validation prompts.
 
         Returns ``{"mtp_acceptance": rate, "mtp_drafted": n}``, or ``{}`` when the model has no MTP
-        module or `training.report_mtp_acceptance` is off. Every rank runs it when ZeRO-3 or expert
-        parallelism needs collective forwards; otherwise rank 0 alone.
+        module or `training.report_mtp_acceptance` is off, and where this rank does not generate.
         """
         cfg = self.cfg
         model: Any = self.engine.module
@@ -440,7 +429,7 @@ class Trainer:
             or getattr(getattr(model, "args", None), "mtp_depth", 0) < 1
         ):
             return {}
-        if not (cfg.parallel.zero_stage == 3 or cfg.parallel.ep_size > 1 or self.dims.is_main):
+        if not self._generates:
             return {}
         limit = int(model.args.max_seq_len)
         prompt_len = min(prompt_len, limit // 2)
@@ -462,111 +451,62 @@ class Trainer:
         return {"mtp_acceptance": accepted / drafted if drafted else 0.0, "mtp_drafted": float(drafted)}
 
 
-def generate_text(
-    model: nn.Module,
-    tok: Any,
-    prompt: str,
-    max_new_tokens: int,
-    device: torch.device | str = "cpu",
-    *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
-    seed: int = 0,
-    speculative: bool = False,
-    stop_at_eos: bool = True,
-) -> str:
-    """Decode `prompt` + up to `max_new_tokens` sampled tokens (greedy MTP-drafted with ``speculative``).
-
-    With ``stop_at_eos`` (default) generation ends at the tokenizer's end-of-document id, which the
-    training data puts after every document: what follows it would be an unrelated next document.
-    Raises ``ValueError`` when the prompt leaves no room under the model's ``max_seq_len``; a request
-    for more tokens than fit is shortened to what fits.
-    """
-    ids = tok.encode(prompt) or [tok.eos_id]
-    limit = getattr(getattr(model, "args", None), "max_seq_len", None)
-    if limit is not None:
-        if len(ids) >= limit and max_new_tokens > 0:
-            raise ValueError(
-                f"the prompt is {len(ids)} tokens and the model's max_seq_len is {limit}: no room to generate; "
-                f"shorten the prompt to fewer than {limit} tokens"
-            )
-        max_new_tokens = max(0, min(max_new_tokens, limit - len(ids)))
-    eos = int(tok.eos_id) if stop_at_eos else None
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = torch.tensor([ids], device=device)
-    if speculative:
-        out = model.generate(  # type: ignore[operator]
-            prompt_ids, max_new_tokens, temperature=0, speculative=True, eos_token_id=eos
-        )
-    else:
-        out = model.generate(  # type: ignore[operator]
-            prompt_ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos,
-            generator=gen,
-        )
-    new = out[0, len(ids) :].tolist()
-    if eos is not None and eos in new:
-        new = new[: new.index(eos)]
-    return str(tok.decode(ids + new))
-
-
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring."""
-    from tqdm.auto import tqdm
-
     try:
-        return _train(cfg, resume, tqdm)
+        return _train(cfg, resume)
     finally:
-        from deepsuite.parallel.dist import restore_torch_linear
-
         restore_torch_linear()  # ZeRO-3 replaced torch.nn.functional.linear process-wide
 
 
-def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
-    from deepsuite.training.metrics import MetricsLogger
+def should_save(cfg: Config, step: int, end: int, stopping: bool) -> bool:
+    """Whether to checkpoint after `step`: on the `checkpoint.every` schedule, when a stop signal
+    ends the run, and at this run's last step `end` — the last step of training only with
+    `checkpoint.save_final`."""
+    every = cfg.checkpoint.every
+    if stopping or (every and step % every == 0):
+        return True
+    return step == end and (cfg.checkpoint.save_final or step < cfg.training.steps)
 
+
+def _train(cfg: Config, resume: str | None) -> TrainResult:
     trainer = Trainer(cfg, resume=resume)
-    dims = trainer.dims
+    dims, t = trainer.dims, cfg.training
     _say(dims, describe_layout(cfg, dims, trainer.layout, trainer.ds_config))
     trainer.load()
     result = TrainResult(start_step=trainer.step, end_step=trainer.step)
-    if trainer.step >= cfg.training.steps:  # a finished run started again: nothing to do, nothing written
+    if trainer.step >= t.steps:  # a finished run started again: nothing to do, nothing written
         _say(
             dims,
-            f"{trainer.resume_from} is at step {trainer.step} and training.steps={cfg.training.steps}: nothing to "
+            f"{trainer.resume_from} is at step {trainer.step} and training.steps={t.steps}: nothing to "
             "train; raise training.steps to continue",
         )
         return result
     resumed = trainer.resume_from is not None
-    logger = MetricsLogger(cfg, dims.is_main, resume_step=trainer.step if resumed else None)
-    if dims.is_main:
-        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
-    t = cfg.training
     end = t.steps if t.max_steps_per_run == 0 else min(t.steps, trainer.step + t.max_steps_per_run)
-
-    def run_eval() -> None:
-        val = trainer.evaluate()
-        trainer.val_losses[trainer.step] = val
-        result.val_losses[trainer.step] = val
-        logger.log(
-            {
-                "step": trainer.step,
-                "val_loss": val,
-                "val_ppl": math.exp(min(val, 50.0)),
-                **trainer.last_val_mtp,
-            }
-        )
+    with closing(MetricsLogger(cfg, dims.is_main, resume_step=trainer.step if resumed else None)) as logger:
         if dims.is_main:
-            tqdm.write(f"step {trainer.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.1f}")
+            dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+        if trainer.step == 0:
+            _evaluate(trainer, logger, result)
+        _run_steps(trainer, end, logger, result)
+        result.end_step = trainer.step
+        if trainer.step == t.steps:
+            _report_sample(trainer, logger, result)
+        else:
+            _say(
+                dims,
+                f"stopped at step {trainer.step} of {t.steps} (training.max_steps_per_run); resume to continue",
+            )
+    return result
 
-    if trainer.step == 0 and trainer.step < end:
-        run_eval()
-    bar = tqdm(
+
+def _run_steps(trainer: Trainer, end: int, logger: MetricsLogger, result: TrainResult) -> None:
+    """Optimizer steps up to `end`, logging, evaluating and checkpointing on schedule. A stop signal
+    (on any rank) ends the run after the current step: saved, then `TrainingStopped` is raised."""
+    cfg, dims, t = trainer.cfg, trainer.dims, trainer.cfg.training
+    tokens_per_step = trainer.layout.global_batch_size * t.seq_len
+    progress = tqdm(
         total=t.steps,
         initial=trainer.step,
         desc="train",
@@ -575,10 +515,7 @@ def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
         file=sys.stdout,
         dynamic_ncols=True,
     )
-    tokens_per_step = trainer.layout.global_batch_size * t.seq_len
-    stop = _StopSignals()
-    try:
-        stop.__enter__()
+    with _StopSignals() as stop, progress as bar:
         while trainer.step < end:
             tick = time.perf_counter()
             metrics = trainer.train_step()
@@ -600,66 +537,51 @@ def _train(cfg: Config, resume: str | None, tqdm: Any) -> TrainResult:
                         "tokens_seen": trainer.tokens_seen,
                     }
                 )
-            last = trainer.step == t.steps
-            if (t.eval_every and trainer.step % t.eval_every == 0) or last:
-                run_eval()
-            if (cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0) or (
-                trainer.step == end and (cfg.checkpoint.save_final or not last)
-            ):
+            if (t.eval_every and trainer.step % t.eval_every == 0) or trainer.step == t.steps:
+                _evaluate(trainer, logger, result)
+            signum = stop.received_anywhere(trainer.device, dims.world_size) if trainer.step < end else 0
+            if should_save(cfg, trainer.step, end, stopping=bool(signum)):
                 result.checkpoint = str(trainer.save())
-            signum = stop.received_anywhere(trainer.device, dims.world_size)
-            if signum and trainer.step < end:
-                import signal
-
-                if Path(result.checkpoint).name != f"step_{trainer.step}":  # not saved by the schedule above
-                    result.checkpoint = str(trainer.save())
-                bar.close()
-                name = signal.Signals(signum).name
+            if signum:
                 raise TrainingStopped(
-                    f"{name} received: stopped after step {trainer.step} of {t.steps} and saved "
-                    f"{result.checkpoint}; run the same command again to resume",
+                    f"{signal.Signals(signum).name} received: stopped after step {trainer.step} of {t.steps} and "
+                    f"saved {result.checkpoint}; run the same command again to resume",
                     signum,
                 )
-        bar.close()
-        result.end_step = trainer.step
-        if trainer.step == t.steps:
-            text = trainer.sample()
-            if text:
-                result.sample = text
-                _say(dims, f"--- sample after {trainer.step} steps ---\n{text}\n---")
-            spec = trainer.mtp_acceptance()
-            if spec:
-                result.mtp_acceptance = spec["mtp_acceptance"]
-                logger.log({"step": trainer.step, **spec})
-                _say(
-                    dims,
-                    f"MTP speculative decoding (greedy, validation prompts): {spec['mtp_acceptance']:.1%} of "
-                    f"{int(spec['mtp_drafted'])} drafted tokens accepted",
-                )
-        elif dims.is_main:
-            print(
-                f"stopped at step {trainer.step} of {t.steps} (training.max_steps_per_run); resume to continue",
-                flush=True,
-            )
-    finally:
-        stop.__exit__()
-        bar.close()
-        logger.close()
-    return result
+
+
+def _evaluate(trainer: Trainer, logger: MetricsLogger, result: TrainResult) -> None:
+    """The validation loss at the current step: logged, printed above the progress bar, kept."""
+    val = trainer.evaluate()
+    trainer.val_losses[trainer.step] = result.val_losses[trainer.step] = val
+    ppl = math.exp(min(val, 50.0))
+    logger.log({"step": trainer.step, "val_loss": val, "val_ppl": ppl, **trainer.last_val_mtp})
+    if trainer.dims.is_main:
+        tqdm.write(f"step {trainer.step}: val loss {val:.4f}, perplexity {ppl:.1f}")
+
+
+def _report_sample(trainer: Trainer, logger: MetricsLogger, result: TrainResult) -> None:
+    """After the last step of training: a text sample and, with MTP, the speculative acceptance rate."""
+    text = trainer.sample()
+    if text:
+        result.sample = text
+        _say(trainer.dims, f"--- sample after {trainer.step} steps ---\n{text}\n---")
+    spec = trainer.mtp_acceptance()
+    if spec:
+        result.mtp_acceptance = spec["mtp_acceptance"]
+        logger.log({"step": trainer.step, **spec})
+        _say(
+            trainer.dims,
+            f"MTP speculative decoding (greedy, validation prompts): {spec['mtp_acceptance']:.1%} of "
+            f"{int(spec['mtp_drafted'])} drafted tokens accepted",
+        )
 
 
 def dry_run(cfg: Config, resume: str | None = None) -> str:
     """Validate the config and world layout without building anything heavy; return the report."""
-    import yaml
-
-    from deepsuite.parallel.deepspeed import build_ds_config, resolve_batch
-    from deepsuite.parallel.dist import ParallelDims, world_from_env
-
     world, rank, local = world_from_env()
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
-    from deepsuite.parallel.groups import validate_parallel_layout
-
-    n_experts = getattr(cfg.model.resolved_args, "n_routed_experts", 0)
+    n_experts = getattr(resolve_model_args(cfg.model), "n_routed_experts", 0)
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
@@ -680,7 +602,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
 
 def _check_vocab(cfg: Config, meta: dict[str, Any], data_dir: Path) -> None:
     """The model's vocabulary must hold every id of the prepared data's tokenizer."""
-    vocab = getattr(cfg.model.resolved_args, "vocab_size", None)
+    vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "
@@ -694,8 +616,6 @@ def _checked_resume(
     """The checkpoint this run resumes from (None: a fresh start) and its state, after checking that
     it is complete, fits the model config and world size, and (given a ``sampler``) that its data
     position fits this config's windows."""
-    from deepsuite.checkpoint.manager import check_compatible, resolve_resume, verify_checkpoint
-
     path = resolve_resume(resume or cfg.checkpoint.resume, cfg.checkpoint.dir)
     if path is None:
         return None, {}
@@ -710,8 +630,6 @@ def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> 
     """What `train` checks before building anything, without building: the prepared data against
     the model's vocabulary, the checkpoint it would resume from (and whether it fits), and the
     `checkpoint.init_from` source. Raises the same errors `train` would; returns report lines."""
-    from deepsuite.data import TokenShards, WindowSampler, read_meta
-
     lines = []
     data_dir = Path(cfg.data.out_dir)
     sampler = None
@@ -735,8 +653,6 @@ def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> 
         if resume_from is not None:
             lines.append("checkpoint.init_from ignored: the run resumes")
         elif not Path(cfg.checkpoint.init_from).exists():
-            from deepsuite.checkpoint.init_from import missing_source_error
-
             raise missing_source_error(cfg.checkpoint.init_from)
         else:
             lines.append(

@@ -9,6 +9,7 @@ from torch import nn
 from deepsuite.generation.generate import generate
 from deepsuite.generation.kv_cache import KVCache
 from deepsuite.generation.sampling import filter_logits, sample_next_token
+from deepsuite.generation.text import GenerationError, encode_prompt, generate_text
 from deepsuite.models.gpt.config import GPTConfig
 from deepsuite.models.gpt.model import GPT
 
@@ -156,8 +157,6 @@ def test_generate_text_stops_at_the_end_of_the_document() -> None:
     model writes after it belongs to an unrelated next document."""
     from types import SimpleNamespace
 
-    from deepsuite.training.trainer import generate_text
-
     class Scripted(nn.Module):
         """Greedy output 7, EOS (2), then 7s forever."""
 
@@ -189,3 +188,28 @@ def test_generate_text_stops_at_the_end_of_the_document() -> None:
 
     assert generate_text(Scripted(), Tok(), "hi", 6, temperature=0.0) == "5 6 7"
     assert generate_text(Scripted(), Tok(), "hi", 6, temperature=0.0, stop_at_eos=False) == "5 6 7 7 7 7 7"
+
+
+def test_encode_prompt_fits_the_request_to_the_model(model: GPT) -> None:
+    """A request is shortened to what fits under max_seq_len (48); a prompt that leaves no room, ids
+    outside the vocabulary (97) and speculative decoding without an MTP module are refused."""
+
+    class Tok:
+        eos_id = 0
+
+        def __init__(self, n: int, top: int = 5) -> None:
+            self.ids = [top] * n
+
+        def encode(self, text: str) -> list[int]:
+            return self.ids
+
+    assert encode_prompt(model, Tok(10), "x", 8) == ([5] * 10, 8)
+    assert encode_prompt(model, Tok(40), "x", 100) == ([5] * 40, 8)
+    assert encode_prompt(model, Tok(0), "", 4) == ([0], 4)  # an empty prompt starts from EOS
+    assert encode_prompt(model, Tok(48), "x", 0) == ([5] * 48, 0)
+    with pytest.raises(GenerationError, match="is 48 tokens and the model's max_seq_len is 48"):
+        encode_prompt(model, Tok(48), "x", 1)
+    with pytest.raises(GenerationError, match="token id 97 but the model's vocab_size is 97"):
+        encode_prompt(model, Tok(3, top=97), "x", 1)
+    with pytest.raises(GenerationError, match="drafts with the MTP module, but this GPT has none"):
+        encode_prompt(model, Tok(3), "x", 1, speculative=True)
