@@ -34,7 +34,7 @@ from deepsuite.checkpoint.manager import (
 )
 from deepsuite.checkpoint.rng import seed_everything
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.loader import config_to_dict, dump_config, resolve_model_args
+from deepsuite.config.loader import config_to_dict, dump_config
 from deepsuite.config.schema import Config
 from deepsuite.data.sampler import WindowSampler, eval_starts, rank_slice, windows_batch
 from deepsuite.data.shards import TokenShards, read_meta
@@ -581,7 +581,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
     """Validate the config and world layout without building anything heavy; return the report."""
     world, rank, local = world_from_env()
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
-    n_experts = getattr(resolve_model_args(cfg.model), "n_routed_experts", 0)
+    n_experts = getattr(cfg.model.resolved_args, "n_routed_experts", 0)
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
@@ -602,7 +602,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
 
 def _check_vocab(cfg: Config, meta: dict[str, Any], data_dir: Path) -> None:
     """The model's vocabulary must hold every id of the prepared data's tokenizer."""
-    vocab = getattr(resolve_model_args(cfg.model), "vocab_size", None)
+    vocab = getattr(cfg.model.resolved_args, "vocab_size", None)
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {meta['vocab_size']} pieces "
