@@ -19,6 +19,7 @@ _LAZY = {
     "read_meta": "deepsuite.data.shards",
     "token_dtype": "deepsuite.data.shards",
     "Tokenizer": "deepsuite.data.tokenizer",
+    "check_tokenizer": "deepsuite.data.tokenizer",
     "train_tokenizer": "deepsuite.data.tokenizer",
 }
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deepsuite.data.errors import DataError
+from deepsuite.data.files import regular_file
 
 SHAKESPEARE = "shakespeare"
 _TEXT_EXTS = (".txt", ".text", ".md")
@@ -65,6 +66,8 @@ def resolve_files(source: str) -> list[Path]:
     if source == SHAKESPEARE:
         return shakespeare_files()
     path = Path(source).expanduser()
+    if path.exists() and not path.is_dir():
+        regular_file(path, "data.source", "point it at a file, folder or glob of your corpus")
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -89,6 +92,12 @@ def resolve_files(source: str) -> list[Path]:
             raise DataError(
                 f"{p}: unsupported file type {p.suffix!r}; use .txt, .jsonl, .json or .parquet files"
             )
+    empty = [p for p in files if p.stat().st_size == 0]
+    if empty and len(empty) == len(files):  # some empty files among others just hold no documents
+        which = f"{empty[0]} is" if len(files) == 1 else f"all {len(files)} files are, e.g. {empty[0]},"
+        raise DataError(
+            f"data.source={source!r}: {which} empty (0 bytes); point data.source at a corpus with text"
+        )
     return files
 
 

@@ -1,8 +1,10 @@
 """`deepsuite prepare-data`: corpus → train/val split → tokenizer → packed token shards + meta.json.
 
 Everything is built in a temporary folder beside `data.out_dir` and renamed into place at the end,
-so an interrupted or failed run never leaves a half-written data folder. A folder that is already
-up to date (same corpus files, tokenizer and settings) is kept as is.
+so an interrupted or failed run never leaves a half-written data folder; the temporary folders of
+an earlier run that was killed (SIGKILL leaves no chance to clean up) are removed by the next run
+for the same `data.out_dir`. A folder that is already up to date (same corpus files, tokenizer and
+settings, its tokenizer file intact) is kept as is.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,19 @@ import numpy as np
 from deepsuite.config.schema import DataConfig
 from deepsuite.data.corpus import load_corpus, resolve_files
 from deepsuite.data.errors import DataError
+from deepsuite.data.files import (
+    leftovers_message,
+    make_temp_dir,
+    old_name,
+    remove_leftover_temp_dirs,
+    sha256_file,
+)
 from deepsuite.data.shards import META_FILE, META_FORMAT, read_meta, token_dtype
 from deepsuite.data.tokenizer import (
     HF_TOKENIZER_FILE,
     Tokenizer,
     bundle_hf_tokenizer,
+    check_tokenizer,
     is_hf_tokenizer,
     train_tokenizer,
 )
@@ -46,14 +54,6 @@ def _encode_batch(batch: dict[str, list[str]], model_path: str) -> dict[str, lis
     return {"ids": ids, "n_tokens": [len(x) + 1 for x in ids]}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(data: DataConfig) -> str:
     """Hash of everything the shards depend on: settings, corpus files (path, size, mtime), tokenizer."""
     files: list[Any] = []
@@ -70,7 +70,7 @@ def fingerprint(data: DataConfig) -> str:
             [folder / n for n in ("tokenizer_config.json", "config.json")] if is_hf_tokenizer(src) else []
         )
         parts = [src / HF_TOKENIZER_FILE if src.is_dir() else src, *siblings]
-        tokenizer = ",".join(_sha256(p) for p in parts if p.is_file())
+        tokenizer = ",".join(sha256_file(p) for p in parts if p.is_file())
     settings = {
         "format": META_FORMAT,
         "source": data.source,
@@ -138,7 +138,7 @@ def _write_split(
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = old_name(out)
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -149,18 +149,22 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def prepare_data(data: DataConfig, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare `data.out_dir` from `data.source`; return its meta.json. Skips work when up to date."""
     out = Path(data.out_dir)
+    removed = remove_leftover_temp_dirs(out)
+    if removed:
+        log(leftovers_message(removed))
     fp = fingerprint(data)
     if not force and (out / META_FILE).is_file():
         try:
             meta = read_meta(out)
-        except DataError:
-            meta = {}
-        if meta.get("fingerprint") == fp:
-            log(f"data in {out} is up to date ({meta['splits']['train']['tokens']:,} train tokens)")
-            return meta
+            if meta.get("fingerprint") == fp:
+                check_tokenizer(out, meta)  # a damaged or deleted tokenizer file is rebuilt
+                log(f"data in {out} is up to date ({meta['splits']['train']['tokens']:,} train tokens)")
+                return meta
+        except DataError as exc:
+            log(f"rebuilding {out}: {exc}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = make_temp_dir(out)
     except OSError as exc:
         raise DataError(
             f"cannot write data.out_dir={str(out)!r} ({exc.strerror}); choose a writable folder"
@@ -215,6 +219,11 @@ def _prepare_into(data: DataConfig, tmp: Path, fp: str, log: Callable[[str], Non
             num_proc=max(1, min(data.num_proc, len(ds))),
             desc=f"tokenizing {name}",
         )
+        if sum(encoded["n_tokens"]) == len(encoded):  # every document encoded to nothing but its EOS
+            raise DataError(
+                f"data.source={data.source!r}: the {name} documents encode to no tokens with the tokenizer "
+                f"{data.tokenizer or '(trained)'}; check the corpus text and data.tokenizer"
+            )
         split_meta[name] = _write_split(encoded, name, tmp, dtype, data.shard_tokens, tok.eos_id)
     shutil.rmtree(cache, ignore_errors=True)
     meta = {
@@ -224,6 +233,7 @@ def _prepare_into(data: DataConfig, tmp: Path, fp: str, log: Callable[[str], Non
         "files": [str(p) for p in corpus.files],
         "text_field": data.text_field,
         "tokenizer": model_path.name,
+        "tokenizer_sha256": sha256_file(model_path),  # checked before training: see check_tokenizer
         "tokenizer_source": data.tokenizer or "trained",
         "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id,

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from deepsuite.data.errors import DataError
+from deepsuite.data.files import regular_file
 
 META_FILE = "meta.json"
 META_FORMAT = 1
 _SCAN_CHUNK = 1 << 24
+_REBUILD = "rebuild the folder with `deepsuite prepare-data --config FILE --force`"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -28,7 +30,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a prepared data folder, or a `DataError` telling the user to prepare it."""
     path = Path(data_dir) / META_FILE
-    if not path.is_file():
+    if regular_file(path, "prepared data file", _REBUILD) is None:
         raise DataError(
             f"no prepared data in {str(Path(data_dir))!r} (missing {META_FILE}); run "
             "`deepsuite prepare-data --config FILE` first (or fix data.out_dir)"
@@ -88,7 +90,7 @@ class TokenShards:
         for shard in self.meta["splits"][split]["shards"]:
             path = self.dir / shard["file"]
             n = int(shard["tokens"])
-            if not path.is_file():
+            if regular_file(path, "shard", _REBUILD) is None:
                 raise DataError(f"shard {path} is missing; run `deepsuite prepare-data` again")
             if path.stat().st_size != n * self.dtype.itemsize:
                 raise DataError(

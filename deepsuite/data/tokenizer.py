@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deepsuite.data.errors import DataError
+from deepsuite.data.files import regular_file, sha256_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -129,12 +130,14 @@ class Tokenizer:
         self.sp: Any = None
         self.hf: Any = None
         self._special: dict[str, int] = {}
+        what = (
+            "set data.tokenizer to a SentencePiece .model file or a Hugging Face tokenizer (a "
+            "tokenizer.json or a model folder holding one), or leave it empty to train one"
+        )
         if not self.path.exists():
-            raise DataError(
-                f"tokenizer {str(self.path)!r} does not exist; set data.tokenizer to a SentencePiece "
-                ".model file or a Hugging Face tokenizer (a tokenizer.json or a model folder holding one), "
-                "or leave it empty to train one"
-            )
+            raise DataError(f"tokenizer {str(self.path)!r} does not exist; {what}")
+        if not self.path.is_dir():
+            regular_file(self.path, "tokenizer", what)
         if is_hf_tokenizer(self.path):
             self._init_hf()
         else:
@@ -232,6 +235,48 @@ class Tokenizer:
         if self.sp is not None:
             return str(self.sp.DecodeIds([int(i) for i in ids]))
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))
+
+
+def check_tokenizer(data_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a prepared data folder (`meta` is its meta.json), loaded; a `DataError` when
+    it is missing, not a regular file, not the file prepare-data wrote (meta's ``tokenizer_sha256``,
+    where recorded), does not load, or disagrees with meta's vocabulary size or EOS id. Training
+    checks this before it builds anything: the shards hold this tokenizer's ids, and checkpoints
+    copy it."""
+    folder = Path(data_dir)
+    name = meta["tokenizer"]
+    fix = "restore it or rebuild the folder with `deepsuite prepare-data --config FILE --force`"
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(
+            f"{folder / 'meta.json'}: key 'tokenizer' must name a file in the folder, not {name!r}; {fix}"
+        )
+    path = folder / name
+    what = "the data folder's tokenizer"
+    if regular_file(path, what, fix) is None:
+        raise DataError(f"{what} {path} is missing (prepare-data wrote it, training needs it); {fix}")
+    recorded = meta.get("tokenizer_sha256")
+    if isinstance(recorded, str) and sha256_file(path) != recorded:
+        raise DataError(
+            f"{what} {path} is not the file prepare-data wrote (its sha256 differs from meta.json's "
+            f"tokenizer_sha256); the shards hold that tokenizer's ids: {fix}"
+        )
+    try:
+        tok = Tokenizer(path)
+    except DataError as exc:
+        reason = str(exc).split("; ", 1)[0]  # its own advice is about data.tokenizer, not this folder
+        raise DataError(f"{what} does not load ({reason}); {fix}") from None
+    if tok.vocab_size != meta["vocab_size"]:
+        raise DataError(
+            f"{what} {path} has {tok.vocab_size} pieces but the shards were written with "
+            f"vocab_size={meta['vocab_size']} (meta.json); {fix}"
+        )
+    eos = meta.get("eos_id")
+    if isinstance(eos, int) and not isinstance(eos, bool) and tok.eos_id != eos:
+        raise DataError(
+            f"{what} {path} has EOS id {tok.eos_id} but the shards were written with eos_id={eos} "
+            f"(meta.json); {fix}"
+        )
+    return tok
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

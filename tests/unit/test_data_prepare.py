@@ -329,3 +329,172 @@ def test_hf_source_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(DataError, match=r"data.source='hf:no-such/dataset-xyz' could not be loaded"):
         prepare_data(data_cfg("hf:no-such/dataset-xyz", tmp_path / "out"), log=quiet)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------- tokenizer file and special files
+
+
+def test_meta_records_the_tokenizer_hash(prepared: tuple[Path, Path]) -> None:
+    from deepsuite.data import check_tokenizer
+    from deepsuite.data.files import sha256_file
+
+    _, out = prepared
+    meta = read_meta(out)
+    assert meta["tokenizer_sha256"] == sha256_file(out / "tokenizer.model")
+    assert check_tokenizer(out, meta).vocab_size == 300
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        ("junk", r"tokenizer.model is not the file prepare-data wrote \(its sha256 differs"),
+        ("junk-unrecorded", r"tokenizer does not load \(.*not a SentencePiece model"),
+        ("deleted", r"tokenizer.model is missing"),
+        ("fifo", r"tokenizer.model is a named pipe, not a regular file"),
+        ("other-vocab", r"has 300 pieces but the shards were written with vocab_size=512"),
+        ("other-eos", r"has EOS id 2 but the shards were written with eos_id=7"),
+        ("path", r"key 'tokenizer' must name a file in the folder"),
+    ],
+)
+def test_check_tokenizer_refuses_a_tokenizer_that_does_not_fit(
+    prepared: tuple[Path, Path], tmp_path: Path, damage: str, pattern: str
+) -> None:
+    import os
+
+    from deepsuite.data import check_tokenizer
+
+    _, out = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    meta = read_meta(copy)
+    tok = copy / "tokenizer.model"
+    if damage.startswith("junk"):
+        tok.write_bytes(random.Random(0).randbytes(tok.stat().st_size))
+    elif damage == "deleted":
+        tok.unlink()
+    elif damage == "fifo":
+        tok.unlink()
+        os.mkfifo(tok)
+    elif damage == "path":
+        meta["tokenizer"] = "../tokenizer.model"
+    if damage in ("junk-unrecorded", "other-vocab", "other-eos"):
+        del meta["tokenizer_sha256"]  # as in folders prepared before the hash was recorded
+    if damage == "other-vocab":
+        meta["vocab_size"] = 512
+    if damage == "other-eos":
+        meta["eos_id"] = 7
+    with pytest.raises(DataError, match=pattern) as info:
+        check_tokenizer(copy, meta)
+    if damage != "path":
+        assert "prepare-data --config FILE --force" in str(info.value)
+
+
+def test_prepare_rebuilds_a_folder_whose_tokenizer_was_damaged(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, out = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    good = (copy / "tokenizer.model").read_bytes()
+    (copy / "tokenizer.model").write_bytes(b"junk")
+    said: list[str] = []
+    prepare_data(data_cfg(src, copy), log=said.append)
+    assert (copy / "tokenizer.model").read_bytes() == good
+    assert any(line.startswith(f"rebuilding {copy}: ") for line in said), said
+
+
+@pytest.mark.parametrize("name", ["meta.json", "train_000.bin"])
+def test_special_file_in_a_data_folder_is_refused_unopened(
+    prepared: tuple[Path, Path], tmp_path: Path, name: str
+) -> None:
+    """`open()` on a named pipe blocks until a writer comes: the readers must not open one."""
+    import os
+
+    _, out = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    with pytest.raises(DataError, match=rf"{name} is a named pipe, not a regular file; rebuild the folder"):
+        TokenShards(copy, "train")
+
+
+def test_special_file_as_corpus_or_tokenizer_is_refused(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+
+    src, _ = prepared
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(DataError, match=rf"data.source {pipe} is a named pipe"):
+        prepare_data(data_cfg(pipe, tmp_path / "out"), log=quiet)
+    with pytest.raises(DataError, match=rf"tokenizer {pipe} is a named pipe"):
+        prepare_data(data_cfg(src, tmp_path / "out", f"data.tokenizer={pipe}"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl"])
+def test_empty_corpus_file_is_named(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("")
+    with pytest.raises(DataError, match=rf"{tmp_path / name} is empty \(0 bytes\)"):
+        prepare_data(data_cfg(tmp_path / name, tmp_path / "out"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_an_empty_file_among_others_holds_no_documents(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    src, _ = prepared
+    mixed = tmp_path / "c"
+    shutil.copytree(src, mixed)
+    (mixed / "empty.txt").write_text("")
+    meta = prepare_data(data_cfg(mixed, tmp_path / "out"), log=quiet)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 6
+
+
+# ------------------------------------------------------------------------ leftovers of killed runs
+
+
+def test_only_leftovers_of_ended_runs_for_the_destination_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from deepsuite.data.files import leftovers_message, make_temp_dir, remove_leftover_temp_dirs
+
+    dest = tmp_path / "data"
+    mine = make_temp_dir(dest)  # this process's own folder: .data.tmp-<host>-<pid>-<random>
+    _, host, pid, _ = mine.name.split("-")
+    assert mine.name.startswith(".data.tmp-") and int(pid) == os.getpid()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended
+    dead = [
+        tmp_path / f".data.tmp-{host}-{gone.pid}-abcd1234",
+        tmp_path / f".data.old-{host}-{gone.pid}-0f0f0f0f",
+    ]
+    kept = [
+        tmp_path / f".data.tmp-{host}-{os.getppid()}-abcd1234",  # its run is alive
+        tmp_path / f".data.tmp-otherhost-{gone.pid}-abcd1234",  # another machine: cannot tell
+        tmp_path / f".other.tmp-{host}-{gone.pid}-abcd1234",  # another destination
+        tmp_path / ".data.tmp-mine",  # a user's folder
+        tmp_path / "data.tmp-1-2-3",
+    ]
+    for p in dead + kept:
+        p.mkdir()
+    removed = remove_leftover_temp_dirs(dest)
+    assert sorted(removed) == sorted(dead)
+    assert all(p.is_dir() for p in [*kept, mine]) and not any(p.exists() for p in dead)
+    assert leftovers_message(removed[:1]) == (
+        f"removed 1 leftover temporary folder of an interrupted run: {removed[0]}"
+    )
+
+
+def test_corpus_that_encodes_to_no_tokens_is_refused(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """A tokenizer that covers none of the corpus's characters (BPE without an unknown token drops them)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    src, _ = prepared
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<eos>": 0}, merges=[])).save(
+        str(folder / "tokenizer.json")
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    with pytest.raises(DataError, match=r"the train documents encode to no tokens with the tokenizer"):
+        prepare_data(data_cfg(src, tmp_path / "out", f"data.tokenizer={folder}"), log=quiet)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
