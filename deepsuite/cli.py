@@ -13,10 +13,11 @@ Only torch-free modules are imported here; each subcommand imports its torch sid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from deepsuite.config import ConfigError, load_config
@@ -277,10 +278,11 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 def _model_and_tokenizer(source: str) -> tuple[typing.Any, typing.Any]:
     """The model in `source` (an HF or deepsuite model folder, a run folder or a step_N folder) and
     the tokenizer stored with it."""
+    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
+    from deepsuite.checkpoint.hf import load_hf
     from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
-    from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint, load_model_from_checkpoint
+    from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint
     from deepsuite.data.tokenizer import Tokenizer
-    from deepsuite.models.hf import load_hf
 
     path = Path(source)
     model: typing.Any
@@ -336,8 +338,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overwrite_hint(exc: FileExistsError) -> str:
-    return str(exc).replace("pass overwrite=True", "pass --overwrite")
+@contextlib.contextmanager
+def _destination(dst: str, overwrite: bool) -> Iterator[None]:
+    """Refuse DST before the (possibly long) load: a file, or a non-empty folder without --overwrite;
+    a DST that appears meanwhile is refused with the same words."""
+    path = Path(dst)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a folder; remove it or choose another DST")
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise ConfigError(f"{path} exists and is not empty; pass --overwrite to replace it")
+    try:
+        yield
+    except FileExistsError as exc:
+        raise ConfigError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -349,21 +362,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "deepsuite-to-hf": convert.deepsuite_to_hf,
         "zero-to-hf": convert.zero_to_hf,
     }[args.conversion]
-    dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or (not args.overwrite and any(dst.iterdir()))):
-        from deepsuite.config import ConfigError
-
-        raise ConfigError(  # before the (possibly long) load
-            f"{dst} exists and is not a folder; remove it or choose another DST"
-            if not dst.is_dir()
-            else f"{dst} exists and is not empty; pass --overwrite to replace it"
-        )
-    try:
+    with _destination(args.dst, args.overwrite):
         out = fn(args.src, args.dst, overwrite=args.overwrite, dtype=convert.DTYPES[args.dtype])
-    except FileExistsError as exc:
-        from deepsuite.config import ConfigError
-
-        raise ConfigError(_overwrite_hint(exc)) from None
     print(f"wrote {out}")
     return 0
 
@@ -394,25 +394,12 @@ def _checkpoint_to_consolidate(src: str, step: str | None) -> Path:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    """`deepsuite consolidate`."""
-    from deepsuite.checkpoint.hf_io import save_model
-    from deepsuite.checkpoint.manager import checkpoint_tokenizer, load_model_from_checkpoint
-    from deepsuite.models.hf import save_hf
+    """`deepsuite consolidate`: the road of `deepsuite convert zero-to-hf`, with --step and --format."""
+    from deepsuite.checkpoint.convert import consolidate_checkpoint
 
     path = _checkpoint_to_consolidate(args.src, args.step)
-    dst = Path(args.dst)
-    if dst.exists() and not args.overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        from deepsuite.config import ConfigError
-
-        raise ConfigError(f"{dst} exists and is not empty; pass --overwrite to replace it")  # before the work
-    model, state, _ = load_model_from_checkpoint(path)  # verified, then consolidated (any ZeRO stage, EP)
-    save = save_hf if args.format == "hf" else save_model
-    try:
-        out = save(model, args.dst, overwrite=args.overwrite, tokenizer=checkpoint_tokenizer(path))
-    except FileExistsError as exc:
-        from deepsuite.config import ConfigError
-
-        raise ConfigError(_overwrite_hint(exc)) from None
+    with _destination(args.dst, args.overwrite):
+        out, state = consolidate_checkpoint(path, args.dst, format=args.format, overwrite=args.overwrite)
     print(f"wrote {out} ({args.format}, fp32) from {path} (step {state['step']}, ZeRO-{state['zero_stage']})")
     return 0
 

@@ -5,7 +5,7 @@ folder of fp32 weights: `deepsuite consolidate` as a script.
     python tools/consolidate_zero.py runs/default out/ds --step 400 --format deepsuite
 
 The checkpoint is verified (manifest, weights-only unpickling) before DeepSpeed's consolidation
-(`deepsuite.parallel.consolidate`) reads it; the output folder is written atomically.
+(`deepsuite.checkpoint.consolidate`) reads it; the output folder is written atomically.
 """
 
 from __future__ import annotations

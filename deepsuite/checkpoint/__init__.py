@@ -1,6 +1,7 @@
-"""Checkpoints: training save/resume (DeepSpeed + deepsuite state), HF/safetensors model I/O, conversion.
+"""Every on-disk format: training checkpoints (save/resume: DeepSpeed + deepsuite state), their
+consolidation, HF and deepsuite safetensors folders, conversion and inspection.
 
-Imports are lazy so that `deepsuite.checkpoint.hf_io` can be used without DeepSpeed.
+Imports are lazy, so that importing one of them does not load the others (and DeepSpeed).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ _LAZY = {
     "verify_checkpoint": "deepsuite.checkpoint.manager",
     "find_checkpoint": "deepsuite.checkpoint.manager",
     "resolve_resume": "deepsuite.checkpoint.manager",
-    "load_model_from_checkpoint": "deepsuite.checkpoint.manager",
+    "load_model_from_checkpoint": "deepsuite.checkpoint.consolidate",
+    "consolidated_state_dict": "deepsuite.checkpoint.consolidate",
     "hf_to_deepsuite": "deepsuite.checkpoint.convert",
     "deepsuite_to_hf": "deepsuite.checkpoint.convert",
     "zero_to_hf": "deepsuite.checkpoint.convert",
+    "consolidate_checkpoint": "deepsuite.checkpoint.convert",
     "inspect_checkpoint": "deepsuite.checkpoint.inspect",
 }
 

@@ -1,8 +1,10 @@
-"""Conversions behind `deepsuite convert`: HF folder ↔ deepsuite folder, training checkpoint → HF.
+"""Conversions behind `deepsuite convert` and `deepsuite consolidate`: HF folder ↔ deepsuite folder,
+training checkpoint → HF or deepsuite folder.
 
 The file formats live in `deepsuite.checkpoint.hf_io` and the key/config mapping in each family's
-HF adapter; a training checkpoint (any ZeRO stage) is consolidated with DeepSpeed's own
-`zero_to_fp32` after its files passed the weights-only check.
+HF adapter; a training checkpoint (any ZeRO stage and EP layout) is consolidated by
+`deepsuite.checkpoint.consolidate` after its files passed the weights-only check. Both commands
+export a training checkpoint through `consolidate_checkpoint`.
 
 The tokenizer travels with the weights: a training checkpoint's or deepsuite folder's
 ``tokenizer.model`` / ``tokenizer.json`` (bundle) is written into the HF folder as transformers reads
@@ -14,10 +16,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
-from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint, load_model_from_checkpoint
+from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
+from deepsuite.checkpoint.hf import load_hf, save_hf
+from deepsuite.checkpoint.hf_io import MODEL_YAML, folder_tokenizer, load_model, save_model
+from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint
+from deepsuite.data.errors import DataError
+from deepsuite.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, Tokenizer
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -34,9 +42,6 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
 def _hf_folder_tokenizer(folder: Path) -> Path | None:
     """The tokenizer of an HF model folder when deepsuite can use it: the folder itself (with
     ``tokenizer.json`` and a known end-of-document token) or its ``tokenizer.model``; else None."""
-    from deepsuite.data.errors import DataError
-    from deepsuite.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, Tokenizer
-
     candidates = [folder] if (folder / HF_TOKENIZER_FILE).is_file() else []
     candidates += [folder / SENTENCEPIECE_FILE] if (folder / SENTENCEPIECE_FILE).is_file() else []
     for candidate in candidates:
@@ -56,9 +61,6 @@ def hf_to_deepsuite(
 ) -> Path:
     """An HF folder (config.json + safetensors) → a deepsuite folder (model.yaml + safetensors, and
     the folder's tokenizer when deepsuite can use it); weights stored in ``dtype`` (None: float32)."""
-    from deepsuite.checkpoint.hf_io import save_model
-    from deepsuite.models.hf import load_hf
-
     model = _cast(load_hf(src), dtype)
     return save_model(model, dst, overwrite=overwrite, tokenizer=_hf_folder_tokenizer(Path(src)))
 
@@ -71,16 +73,28 @@ def deepsuite_to_hf(
 ) -> Path:
     """A deepsuite folder (model.yaml) or a training checkpoint → an HF folder, with the source's
     tokenizer when it has one; weights stored in ``dtype`` (None: float32)."""
-    from deepsuite.checkpoint.hf_io import MODEL_YAML, folder_tokenizer, load_model
-    from deepsuite.models.hf import save_hf
+    if not (Path(src) / MODEL_YAML).is_file():
+        return zero_to_hf(src, dst, overwrite=overwrite, dtype=dtype)
+    model = _cast(load_model(src), dtype)
+    return save_hf(model, dst, overwrite=overwrite, tokenizer=folder_tokenizer(src))
 
-    if (Path(src) / MODEL_YAML).is_file():
-        model = load_model(src)
-        tokenizer = folder_tokenizer(src)
-    else:
-        model, _, _ = load_model_from_checkpoint(src)
-        tokenizer = checkpoint_tokenizer(src)
-    return save_hf(_cast(model, dtype), dst, overwrite=overwrite, tokenizer=tokenizer)
+
+def consolidate_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    format: Literal["hf", "deepsuite"] = "hf",
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """A training checkpoint (run folder or step_N; any ZeRO stage and EP layout) → an HF or a
+    deepsuite folder of its consolidated fp32 weights, stored in ``dtype`` (None: float32), with the
+    run's tokenizer. Returns the folder and the checkpoint's state."""
+    path = find_checkpoint(src)
+    model, state, _ = load_model_from_checkpoint(path)  # verified, then consolidated
+    save = save_hf if format == "hf" else save_model
+    out = save(_cast(model, dtype), dst, overwrite=overwrite, tokenizer=checkpoint_tokenizer(path))
+    return out, state
 
 
 def zero_to_hf(
@@ -89,10 +103,5 @@ def zero_to_hf(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """A training checkpoint (run folder or step_N; ZeRO 0-3) → an HF folder with the run's
-    tokenizer; the consolidated fp32 weights stored in ``dtype`` (None: float32)."""
-    from deepsuite.models.hf import save_hf
-
-    path = find_checkpoint(src)
-    model, _, _ = load_model_from_checkpoint(path)
-    return save_hf(_cast(model, dtype), dst, overwrite=overwrite, tokenizer=checkpoint_tokenizer(path))
+    """A training checkpoint → an HF folder: `consolidate_checkpoint` (`deepsuite convert zero-to-hf`)."""
+    return consolidate_checkpoint(src, dst, overwrite=overwrite, dtype=dtype)[0]

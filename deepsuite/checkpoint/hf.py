@@ -1,9 +1,10 @@
-"""Hugging Face folders in and out, for any registered family.
+"""Hugging Face folders in and out, for any registered family (`deepsuite.models.load_hf` /
+`save_hf` are these functions).
 
 ``load_hf(path)`` reads config.json, finds the family by ``model_type`` in the registry, converts
 config and weights with the family's HF adapter, builds the model on meta and loads strictly.
 ``save_hf(model, path)`` does the reverse. The adapters are pure functions on state dicts
-(`deepsuite.models.<family>.hf_adapter`); the file I/O is `deepsuite.checkpoint.hf_io`.
+(`deepsuite.models.<family>.hf_adapter`); the folder format is `deepsuite.checkpoint.hf_io`.
 """
 
 from __future__ import annotations
@@ -24,38 +25,9 @@ from deepsuite.checkpoint.hf_io import (
     write_hf_folder,
 )
 from deepsuite.config.errors import ConfigError
-from deepsuite.config.families import MODEL_FAMILIES
-from deepsuite.models.registry import ModelSpec, family_for_hf_model_type, get_model_spec
+from deepsuite.models.registry import family_for_hf_model_type, get_model_spec, model_family, unwrap_model
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` (``_orig_mod``) and engine/DDP (``module``) wrappers."""
-    for _ in range(8):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module) and not hasattr(model, "args"):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def model_family(model: nn.Module) -> str:
-    """Registry family name of ``model`` (matched on its class, without importing other families)."""
-    specs: list[ModelSpec] = []
-    for name in MODEL_FAMILIES:
-        try:
-            specs.append(get_model_spec(name))
-        except ImportError:  # a family whose code is not there (yet) cannot own this model
-            continue
-    for base in type(model).__mro__:  # the class itself first, then the classes it derives from
-        path = f"{base.__module__}:{base.__qualname__}"
-        for spec in specs:
-            if spec.model_path == path:
-                return spec.name
-    raise CheckpointFormatError(f"{type(model).__name__} is not a model of any registered family")
 
 
 def load_hf(

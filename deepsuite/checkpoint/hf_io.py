@@ -15,14 +15,9 @@ alias map is stored in the file metadata (``deepsuite.aliases``); readers restor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,13 +27,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from deepsuite.checkpoint.atomic import atomic_dir
+from deepsuite.config.loader import build_dataclass
+from deepsuite.data.tokenizer import export_hf_tokenizer, store_tokenizer
+from deepsuite.models.registry import get_model_spec, model_family, unwrap_model
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 MODEL_YAML = "model.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 """Names of the tokenizer file a deepsuite folder or training checkpoint may hold."""
-"""Attribute of a model loaded from a training checkpoint: the checkpoint's tokenizer file (or None)."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _ALIASES_KEY = "deepsuite.aliases"
 _T = TypeVar("_T")
@@ -49,85 +48,6 @@ class CheckpointFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- writing
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it: set and restore
-    os.umask(mask)
-    return mask
-
-
-def _sync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder``, then ``folder`` itself (the training
-    checkpoint's helpers)."""
-    from deepsuite.checkpoint.manager import _fsync_dir, _fsync_file
-
-    for p in sorted(folder.rglob("*"), reverse=True):  # children before their folders
-        if p.is_symlink():
-            continue
-        if p.is_file():
-            _fsync_file(p)
-        elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(folder)
-
-
-def _fsync_parent(path: Path) -> None:
-    from deepsuite.checkpoint.manager import _fsync_dir
-
-    _fsync_dir(path.parent)  # makes the rename itself durable
-
-
-def _chmod_tree(folder: Path, umask: int) -> None:
-    """Give ``folder``, the folders and the files under it the modes ``mkdir``/``open`` give under ``umask``."""
-    for p in folder.rglob("*"):
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            os.chmod(p, 0o777 & ~umask)
-        elif p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
-
-    A non-empty existing ``target`` is replaced only with ``overwrite=True``; on any error the
-    temporary folder is removed and ``target`` is left as it was. Before the rename the folder (and
-    every folder in it) gets the mode a plain ``mkdir`` would give it (``0o777 & ~umask``, not
-    ``mkdtemp``'s 0700), every file in it the mode a plain ``open`` would (``0o666 & ~umask``: writers
-    such as safetensors create 0600 files), and every file and folder is fsynced; the parent folder
-    is fsynced after the rename.
-    """
-    target = Path(target)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder")
-        if any(target.iterdir()) and not overwrite:
-            raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _chmod_tree(tmp, _umask())
-        _sync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_parent(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -226,8 +146,6 @@ def write_hf_folder(
     """
     with atomic_dir(path, overwrite=overwrite) as tmp:
         if tokenizer is not None:
-            from deepsuite.data.tokenizer import export_hf_tokenizer
-
             config = {**config, **export_hf_tokenizer(tokenizer, tmp)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tmp, tensors, max_shard_bytes)
@@ -427,8 +345,6 @@ def save_model(
     ``tokenizer`` (a tokenizer file, e.g. `checkpoint.manager.checkpoint_tokenizer` of the source
     checkpoint; None: no tokenizer) is stored as deepsuite keeps it: ``tokenizer.model`` or ``tokenizer.json`` (a bundle; an HF tokenizer is bundled).
     """
-    from deepsuite.models.hf import model_family, unwrap_model
-
     model = unwrap_model(model)
     name = model_family(model)
     args = model.args
@@ -437,8 +353,6 @@ def save_model(
         (tmp / MODEL_YAML).write_text(yaml.safe_dump(spec, sort_keys=False))
         write_safetensors(tmp, model.state_dict(), max_shard_bytes)
         if tokenizer is not None:
-            from deepsuite.data.tokenizer import store_tokenizer
-
             store_tokenizer(tokenizer, tmp)
     return Path(path)
 
@@ -452,9 +366,6 @@ def load_model(
     ``model.train()`` to train it. A missing or corrupt ``model.yaml`` or safetensors file raises
     `CheckpointFormatError` naming the file.
     """
-    from deepsuite.config.loader import build_dataclass
-    from deepsuite.models.registry import get_model_spec
-
     folder = Path(path)
     if not (folder / MODEL_YAML).is_file():
         raise CheckpointFormatError(

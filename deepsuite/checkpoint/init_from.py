@@ -23,6 +23,9 @@ from typing import Any
 
 from torch import nn
 
+from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
+from deepsuite.checkpoint.hf import load_hf
+from deepsuite.checkpoint.hf_io import MODEL_YAML, load_model
 from deepsuite.config.errors import ConfigError
 
 # fields that change training, not the function the weights compute
@@ -30,10 +33,6 @@ _TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "balance_loss_alpha", 
 
 
 def _load_source(path: Path) -> tuple[nn.Module, str]:
-    from deepsuite.checkpoint.hf_io import MODEL_YAML, load_model
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
-    from deepsuite.models.hf import load_hf
-
     if (path / "config.json").is_file():
         return load_hf(path), "Hugging Face folder"
     if (path / MODEL_YAML).is_file():

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from deepsuite.checkpoint.consolidate import stacked_parameters
 from deepsuite.checkpoint.hf_io import CONFIG_FILE, INDEX_FILE, MODEL_YAML, SINGLE_FILE, restore_aliases
 from deepsuite.checkpoint.manager import (
     DS_TAG,
@@ -37,6 +38,9 @@ from deepsuite.checkpoint.manager import (
     load_config_of,
     verify_checkpoint,
 )
+from deepsuite.config.loader import build_dataclass
+from deepsuite.models.registry import family_for_hf_model_type, get_model_spec
+from deepsuite.parallel.deepspeed import safe_globals
 
 KIND_TRAINING = "training"
 KIND_DEEPSUITE = "deepsuite"
@@ -157,8 +161,6 @@ def _safetensors_folder(folder: Path) -> tuple[dict[str, TensorInfo], list[str],
 
 
 def _meta_model(family: str, args: Any) -> torch.nn.Module:
-    from deepsuite.models.registry import get_model_spec
-
     with torch.device("meta"):
         return get_model_spec(family).model_cls(args)
 
@@ -186,7 +188,7 @@ def _count_parameters(model: torch.nn.Module, tensors: dict[str, TensorInfo], so
             continue
         total += math.prod(shape)
         by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape)
-    unexpected = sorted(k for k in set(tensors) - expected if not k.endswith("_extra_state"))
+    unexpected = sorted(set(tensors) - expected)
     missing_buffers = sorted(
         k for k in expected - set(tensors) if not any(k in names for names in groups.values())
     )
@@ -201,8 +203,6 @@ def _count_parameters(model: torch.nn.Module, tensors: dict[str, TensorInfo], so
 
 def _flavor_of(family: str, args: Any) -> str | None:
     """The named flavor whose fields equal ``args`` exactly, if any."""
-    from deepsuite.models.registry import get_model_spec
-
     fields = dataclasses.asdict(args)
     for name, flavor in get_model_spec(family).flavors.items():
         if dataclasses.asdict(flavor) == fields:
@@ -218,9 +218,6 @@ def _files(root: Path, names: list[str]) -> list[dict[str, Any]]:
 
 
 def _inspect_model_folder(folder: Path, kind: str) -> dict[str, Any]:
-    from deepsuite.config.loader import build_dataclass
-    from deepsuite.models.registry import family_for_hf_model_type, get_model_spec
-
     tensors, files, aliases = _safetensors_folder(folder)
     extra: dict[str, Any] = {}
     if kind == KIND_DEEPSUITE:
@@ -298,8 +295,6 @@ def _inspect_model_folder(folder: Path, kind: str) -> dict[str, Any]:
 
 
 def _load_weights_only(path: Path) -> Any:
-    from deepsuite.parallel.deepspeed import safe_globals
-
     with safe_globals():  # memory-mapped: only the tensors touched are read
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -328,14 +323,13 @@ def _training_tensors(tag_dir: Path) -> tuple[dict[str, TensorInfo], int]:
     for alias, target in (ms.get("shared_params") or {}).items():
         if target in tensors:
             tensors[alias] = tensors[target]
-    # FP8 on Transformer Engine: per-expert `gate_up.weight{e}` / `down.weight{e}` → stacked experts
-    from deepsuite.fp8.experts import te_expert_stack_plan
-
-    for stacked_name, parts in te_expert_stack_plan(tensors).items():
-        shape, dtype = tensors[parts[0]]
-        for part in parts:
-            del tensors[part]
-        tensors[stacked_name] = ((len(parts), *shape), dtype)
+    # parameters a module saves stacked are known to the optimizer (param_shapes) one by one
+    for stacked_name, parts in stacked_parameters(ms["module"]).items():
+        if parts[0] in tensors:
+            shape, _ = tensors[parts[0]]
+            for part in parts:
+                del tensors[part]
+            tensors[stacked_name] = ((len(parts), *shape), dtype_of(stacked_name))
     # expert parallel: each EP rank's [E/ep, …] experts sit in its own shard file
     shards = sorted(tag_dir.glob("expert_shard_ep*_of*.pt"))
     ep_size = 1
@@ -383,7 +377,7 @@ def _inspect_training(step_dir: Path) -> dict[str, Any]:
         "step": int(state["step"]),
         "tokens_seen": int(state["tokens_seen"]),
         "parameters": parameters,
-        "dtypes": sorted({tensors[n][1] for n in tensors if not n.endswith("_extra_state")}),
+        "dtypes": sorted({dtype for _, dtype in tensors.values()}),
         "layout": {
             "files": file_list,
             "total_bytes": sum(f["bytes"] for f in file_list),

@@ -33,8 +33,16 @@ import torch
 from torch import nn
 
 from deepsuite.config.schema import FP8Config
+from deepsuite.fp8.experts import convert_grouped_experts
 from deepsuite.fp8.native import Float8Linear, Float8Recipe, scaled_mm_unusable_reason
 from deepsuite.fp8.quant import Float8Quantized, dequantize, fake_quantize, quantize
+from deepsuite.fp8.te import (
+    build_recipe,
+    linear_to_te,
+    recipe_unsupported_reason,
+    te_autocast,
+    te_unavailable_reason,
+)
 
 __all__ = [
     "FP8Context",
@@ -75,8 +83,6 @@ class FP8Context:
         quantise by themselves)."""
         if self.backend != "te":
             return contextlib.nullcontext()
-        from deepsuite.fp8.te import te_autocast
-
         return te_autocast(self.te_recipe, enabled=True, amax_group=self.amax_group)
 
     @property
@@ -129,8 +135,6 @@ def select_backend(
 
 
 def _te_unusable_reason(cfg: FP8Config, device: torch.device) -> str | None:
-    from deepsuite.fp8.te import recipe_unsupported_reason, te_unavailable_reason
-
     reason = te_unavailable_reason()
     if reason is not None:
         return reason
@@ -161,8 +165,6 @@ def native_scaling_for(cfg: FP8Config) -> tuple[dict[str, Any], list[str]]:
         notes.append(
             "native path has no MX format: recipe 'mxfp8' runs as 1×128/128×128 blocks with power-of-two scales"
         )
-    import torch
-
     grad_dtype = torch.float8_e4m3fn if cfg.grad_dtype == "e4m3" else torch.float8_e5m2
     return {"scaling": scaling, "power_of_two_scales": power_of_two, "grad_dtype": grad_dtype}, notes
 
@@ -205,12 +207,6 @@ def _candidates(model: nn.Module, exclude: list[str]) -> tuple[list[str], dict[s
     return chosen, skipped
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def te_blockers_for(ep_size: int, activation_checkpointing: bool) -> list[str]:
     """Why a run layout cannot use Transformer Engine (empty when it can).
 
@@ -250,11 +246,9 @@ def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config, te_blockers: Sequence[str]
         return ctx
     recipe: Float8Recipe | None = None
     if backend == "te":
-        from deepsuite.fp8.te import build_recipe, linear_to_te
-
         ctx.te_recipe = build_recipe(fp8_cfg)
         for name in chosen:
-            _set_submodule(model, name, linear_to_te(model.get_submodule(name)))  # type: ignore[arg-type]
+            model.set_submodule(name, linear_to_te(model.get_submodule(name)))  # type: ignore[arg-type]
     else:
         options, approx = native_scaling_for(fp8_cfg)
         ctx.notes += approx
@@ -263,11 +257,12 @@ def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config, te_blockers: Sequence[str]
         for name in chosen:
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear)
-            _set_submodule(model, name, Float8Linear.from_linear(linear, **options))
-    ctx.converted = chosen
-    from deepsuite.fp8.experts import convert_grouped_experts
-
+            model.set_submodule(name, Float8Linear.from_linear(linear, **options))
     exclude = list(fp8_cfg.exclude)
-    convert_grouped_experts(model, ctx, fp8_cfg, lambda name: excluded_by(name, exclude), recipe)
+    experts, skipped = convert_grouped_experts(
+        model, backend, lambda name: excluded_by(name, exclude), recipe
+    )
+    ctx.converted = chosen + experts
+    ctx.skipped.update(skipped)
     logger.info(ctx.summary)
     return ctx

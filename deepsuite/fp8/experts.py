@@ -10,9 +10,11 @@ replacements with the same forward signature (both subclasses, so ``isinstance``
 * `TEGroupedExperts` (Transformer Engine): two ``te.GroupedLinear`` (``num_gemms = E``) with the
   weights copied, called with ``m_splits = counts``; token groups are padded to TE's FP8 alignment
   with ``te.Fp8Padding`` / ``te.Fp8Unpadding`` when the installed TE has them. Its parameters are
-  ``gate_up.weight{e}`` / ``down.weight{e}``: `to_stacked_state_dict` gives back the stacked layout
-  of one module, `stack_te_expert_state_dict` that of a whole state dict (checkpoint
-  consolidation), and `te_expert_stack_plan` the key mapping alone.
+  ``gate_up.weight{e}`` / ``down.weight{e}``, but it saves and loads the plain layout: its state
+  dict holds ``gate_up_proj`` / ``down_proj`` stacked (and no TE ``_extra_state``), and its
+  state-dict metadata lists which parameters each stacked key is made of (``stacked_parameters``),
+  so that the optimizer's fp32 masters, which carry the parameter names, can be stacked the same
+  way when a checkpoint is consolidated.
 
 A module is converted when its name passes ``fp8.exclude`` and D and I are multiples of 16.
 """
@@ -22,83 +24,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-import re
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsuite.config.schema import FP8Config
 from deepsuite.fp8.native import Float8Recipe, float8_linear, scaled_matmul
 from deepsuite.fp8.quant import E4M3, TENSORWISE, Float8Quantized, amax_to_scale, cast_to_fp8
-
-if TYPE_CHECKING:
-    from deepsuite.fp8 import FP8Context
+from deepsuite.fp8.te import keep_extra_state_out
 
 _ALIGN = 16
-
-# ``<prefix>gate_up.weight{e}`` / ``<prefix>down.weight{e}``: TEGroupedExperts' per-expert weights
-_TE_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.+\.)?)(?P<proj>gate_up|down)\.weight(?P<e>\d+)$")
-_STACKED_NAME = {"gate_up": "gate_up_proj", "down": "down_proj"}
-EXTRA_STATE_SUFFIX = "_extra_state"
-
-
-def is_extra_state_key(key: str) -> bool:
-    """Whether ``key`` is a module's ``get_extra_state`` entry (Transformer Engine's FP8 metadata),
-    which the plain model does not have."""
-    return key == EXTRA_STATE_SUFFIX or key.endswith("." + EXTRA_STATE_SUFFIX)
-
-
-def te_expert_stack_plan(keys: Iterable[str]) -> dict[str, list[str]]:
-    """``{stacked key: [per-expert keys, expert 0 first]}`` for the `TEGroupedExperts` weights in ``keys``.
-
-    ``<prefix>gate_up.weight{e}`` (``[2I, D]`` each) become ``<prefix>gate_up_proj`` ``[E, 2I, D]``
-    and ``<prefix>down.weight{e}`` (``[D, I]``) become ``<prefix>down_proj`` ``[E, D, I]``: the layout
-    of ``GroupedExperts``. A prefix counts only when it has both projections with the same experts
-    ``0 … E-1`` and no stacked key of its own, so an unrelated ``down.weight0`` is left alone.
-    """
-    keys = list(keys)
-    present = set(keys)
-    found: dict[str, dict[str, dict[int, str]]] = {}
-    for key in keys:
-        m = _TE_EXPERT_KEY.match(key)
-        if m:
-            found.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["e"])] = key
-    plan: dict[str, list[str]] = {}
-    for prefix, projs in found.items():
-        if set(projs) != set(_STACKED_NAME):
-            continue
-        experts = {proj: sorted(idx) for proj, idx in projs.items()}
-        n = len(experts["gate_up"])
-        if any(idx != list(range(n)) for idx in experts.values()):
-            continue
-        stacked = {proj: prefix + name for proj, name in _STACKED_NAME.items()}
-        if any(name in present for name in stacked.values()):
-            continue
-        for proj, name in stacked.items():
-            plan[name] = [projs[proj][e] for e in range(n)]
-    return plan
-
-
-def stack_te_expert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``state_dict`` in the plain model's layout: `TEGroupedExperts` weights stacked back into
-    ``gate_up_proj`` / ``down_proj`` (see `te_expert_stack_plan`) and every ``_extra_state`` entry
-    dropped. Other entries are kept as they are, in their order; without TE keys it is a copy."""
-    plan = te_expert_stack_plan(state_dict)
-    first_of = {parts[0]: stacked for stacked, parts in plan.items()}
-    consumed = {k for parts in plan.values() for k in parts}
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        if is_extra_state_key(key):
-            continue
-        if key in first_of:
-            name = first_of[key]
-            out[name] = torch.stack([state_dict[k] for k in plan[name]])
-        elif key not in consumed:
-            out[key] = value
-    return out
+_STACKED = {"gate_up": "gate_up_proj", "down": "down_proj"}  # TE module -> the plain stacked Parameter
+STACKED_PARAMETERS = "stacked_parameters"  # the state-dict metadata entry checkpoint consolidation reads
 
 
 def _quantize_per_expert(w: torch.Tensor, recipe: Float8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +133,27 @@ class _Float8ExpertsMLP(torch.autograd.Function):
         return torch.cat(d_x), grad_w1, grad_w2, None, None, None
 
 
+def _save_stacked(
+    module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
+    """State-dict hook: each TE module's per-expert weights stacked into its plain Parameter."""
+    stacked = {}
+    for proj, name in _STACKED.items():
+        parts = [f"{proj}.weight{e}" for e in range(module.n_experts)]
+        with torch.no_grad():
+            state_dict[prefix + name] = torch.stack([state_dict.pop(prefix + p) for p in parts])
+        stacked[name] = parts
+    local_metadata[STACKED_PARAMETERS] = stacked
+
+
+def _load_stacked(module: Any, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load pre-hook: the plain stacked Parameters split into the TE modules' per-expert weights."""
+    for proj, name in _STACKED.items():
+        if prefix + name in state_dict:
+            for e, weight in enumerate(state_dict.pop(prefix + name).unbind(0)):
+                state_dict[f"{prefix}{proj}.weight{e}"] = weight
+
+
 def _grouped_experts_cls() -> type[nn.Module] | None:
     if importlib.util.find_spec("deepsuite.layers.moe") is None:
         return None
@@ -275,8 +234,8 @@ if GroupedExperts is not None:
             new.n_experts, new.d_model, new.d_ffn = n, d, i
             w_gu, w_down = experts.gate_up_proj, experts.down_proj  # [E, 2I, D], [E, D, I]
             kw: dict[str, Any] = {"bias": False, "params_dtype": w_gu.dtype, "device": w_gu.device}
-            new.gate_up = te.GroupedLinear(n, d, 2 * i, **kw)
-            new.down = te.GroupedLinear(n, i, d, **kw)
+            new.gate_up = keep_extra_state_out(te.GroupedLinear(n, d, 2 * i, **kw))
+            new.down = keep_extra_state_out(te.GroupedLinear(n, i, d, **kw))
             with torch.no_grad():
                 for e in range(n):
                     getattr(new.gate_up, f"weight{e}").copy_(w_gu[e])
@@ -285,6 +244,8 @@ if GroupedExperts is not None:
             new.pad = te.Fp8Padding(n) if has_padding else None
             new.unpad = te.Fp8Unpadding(n) if has_padding else None
             new.train(experts.training)
+            new.register_state_dict_post_hook(_save_stacked)
+            new.register_load_state_dict_pre_hook(_load_stacked)
             return new
 
         def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -306,24 +267,16 @@ if GroupedExperts is not None:
                 nn.init.normal_(getattr(self.gate_up, f"weight{e}"), mean=0.0, std=std)
                 nn.init.normal_(getattr(self.down, f"weight{e}"), mean=0.0, std=std)
 
-        def to_stacked_state_dict(self) -> dict[str, torch.Tensor]:
-            """``{"gate_up_proj": [E, 2I, D], "down_proj": [E, D, I]}`` (the plain layout)."""
-            return {
-                "gate_up_proj": torch.stack(
-                    [getattr(self.gate_up, f"weight{e}") for e in range(self.n_experts)]
-                ),
-                "down_proj": torch.stack([getattr(self.down, f"weight{e}") for e in range(self.n_experts)]),
-            }
-
 
 def convert_grouped_experts(
-    model: nn.Module, ctx: FP8Context, cfg: FP8Config, is_excluded: Any, recipe: Float8Recipe | None
-) -> None:
-    """Replace every eligible ``GroupedExperts`` of ``model`` for ``ctx.backend`` (te or native)."""
+    model: nn.Module, backend: str, is_excluded: Any, recipe: Float8Recipe | None
+) -> tuple[list[str], dict[str, str]]:
+    """Replace every eligible ``GroupedExperts`` of ``model`` for ``backend`` (te or native);
+    returns the names converted and the names skipped with the reason."""
+    converted: list[str] = []
+    skipped: dict[str, str] = {}
     if GroupedExperts is None:
-        return
-    from deepsuite.fp8 import _set_submodule
-
+        return converted, skipped
     found = [
         (name, m)
         for name, m in model.named_modules()
@@ -333,20 +286,19 @@ def convert_grouped_experts(
         experts: Any = module
         hits = is_excluded(name)
         if hits:
-            ctx.skipped[name] = f"excluded by name ({', '.join(hits)})"
-            continue
-        if experts.d_model % _ALIGN or experts.d_ffn % _ALIGN:
-            ctx.skipped[name] = (
+            skipped[name] = f"excluded by name ({', '.join(hits)})"
+        elif experts.d_model % _ALIGN or experts.d_ffn % _ALIGN:
+            skipped[name] = (
                 f"expert dims d_model={experts.d_model}, d_ffn={experts.d_ffn} not multiples of {_ALIGN}"
             )
-            continue
-        if experts.gate_up_proj.device.type == "meta":
-            ctx.skipped[name] = "on the meta device (materialise the model first)"
-            continue
-        if ctx.backend == "te":
-            new: nn.Module = TEGroupedExperts.from_experts(experts)
+        elif experts.gate_up_proj.device.type == "meta":
+            skipped[name] = "on the meta device (materialise the model first)"
         else:
-            assert recipe is not None
-            new = Float8GroupedExperts.from_experts(experts, recipe)
-        _set_submodule(model, name, new)
-        ctx.converted.append(name)
+            if backend == "te":
+                new: nn.Module = TEGroupedExperts.from_experts(experts)
+            else:
+                assert recipe is not None
+                new = Float8GroupedExperts.from_experts(experts, recipe)
+            model.set_submodule(name, new)
+            converted.append(name)
+    return converted, skipped

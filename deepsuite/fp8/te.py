@@ -12,7 +12,9 @@ importing it never fails). Versions differ in names, and both are handled:
   message naming the version.
 
 Conversion copies weights into new TE modules, so it must happen before the optimizer (and the
-DeepSpeed engine) is built.
+DeepSpeed engine) is built. The converted modules save and load the plain layout: TE's
+``_extra_state`` (its FP8 scaling metadata, pickled) stays out of their state dicts, so a checkpoint
+of an FP8 model has the keys of the plain model and loads into either.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from deepsuite.config.schema import FP8Config
+
+_EXTRA_STATE = "_extra_state"  # the key nn.Module.state_dict gives get_extra_state()
 
 
 def te_unavailable_reason() -> str | None:
@@ -131,6 +135,22 @@ def te_autocast(recipe: Any, enabled: bool = True, amax_group: Any = None) -> It
         yield
 
 
+def _drop_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, _: Any) -> None:
+    state_dict.pop(prefix + _EXTRA_STATE, None)
+
+
+def _no_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    state_dict.setdefault(prefix + _EXTRA_STATE, None)  # TE's set_extra_state(None) keeps its defaults
+
+
+def keep_extra_state_out(module: nn.Module) -> nn.Module:
+    """``module`` (a TE module) saving and loading the plain layout: no ``_extra_state`` entry in
+    its state dict, and a state dict without one loads strictly."""
+    module.register_state_dict_post_hook(_drop_extra_state)
+    module.register_load_state_dict_pre_hook(_no_extra_state)
+    return module
+
+
 def linear_to_te(linear: nn.Linear) -> nn.Module:
     """A ``te.Linear`` with the same shape, dtype and device as ``linear`` and its weights copied."""
     te = _te()
@@ -147,4 +167,4 @@ def linear_to_te(linear: nn.Linear) -> nn.Module:
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
     new.train(linear.training)
-    return new
+    return keep_extra_state_out(new)

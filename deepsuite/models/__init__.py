@@ -11,8 +11,9 @@ _LAZY = {
     "get_model_spec": "deepsuite.models.registry",
     "build_model": "deepsuite.models.registry",
     "ModelSpec": "deepsuite.models.registry",
-    "load_hf": "deepsuite.models.hf",
-    "save_hf": "deepsuite.models.hf",
+    # the public names of the HF folder I/O, which lives with every other file format in checkpoint/
+    "load_hf": "deepsuite.checkpoint.hf",
+    "save_hf": "deepsuite.checkpoint.hf",
 }
 
 __all__ = sorted(_LAZY)

@@ -241,7 +241,7 @@ def make_deepspeed_registration(n_routed_experts: int, ep_size: int) -> nn.Modul
     subclass owns no parameters, so it adds nothing to the state dict, and it reports zero local
     experts so DeepSpeed's per-expert checkpoint files (written from a native layer's own state
     dict) are neither written nor expected: our expert shards stay in the model state and ZeRO
-    optimizer files (see `deepsuite.parallel.consolidate`).
+    optimizer files (see `deepsuite.checkpoint.consolidate`).
     """
     moe_cls = _deepspeed_moe_base()
 

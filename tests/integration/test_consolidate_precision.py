@@ -4,19 +4,19 @@
   ``FP16_UnfusedOptimizer`` and stores the bf16 model under ``module`` and the fp32 masters under
   ``optimizer["fp32_groups"]`` of ``mp_rank_00_model_states.pt``; `consolidated_state_dict`,
   `load_model_from_checkpoint` and ``deepsuite consolidate`` must give the masters bit for bit
-  (compared with the live engine's optimizer in the same process), also for a checkpoint whose
-  state.json predates the recorded group names.
+  (compared with the live engine's optimizer in the same process); recorded names that do not fit
+  the masters are refused, and so is a checkpoint that records none.
 * fp32 at ZeRO-0 and bf16 at ZeRO-1/3 stay exact.
-* FP8 on Transformer Engine (no TE here): a state dict with ``TEGroupedExperts`` keys
-  (``gate_up.weight{e}`` / ``down.weight{e}``) and ``_extra_state`` entries, built by hand, maps
-  back to the plain model's stacked-experts layout, through the helper and through a ZeRO-0
-  checkpoint file.
+* FP8 on Transformer Engine (a fake TE here, tests/fake_te.py): a DeepSeek-V3 run whose experts are
+  ``TEGroupedExperts`` (per-expert parameters ``gate_up.weight{e}`` / ``down.weight{e}``, which is
+  how the optimizer and DeepSpeed's shard files name them) consolidates to the plain model's
+  stacked layout, bit for bit the live masters, at ZeRO-0, 1 and 3; the inspector sees the same.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,15 @@ import pytest
 import torch
 from conftest import TINY_DEEPSEEK, tiny_overrides
 
-from deepsuite.checkpoint.hf_io import load_state_dict_strict, read_safetensors
-from deepsuite.checkpoint.manager import (
-    STATE_FILE,
-    CheckpointError,
-    consolidated_state_dict,
-    load_model_from_checkpoint,
-    read_state,
-)
+from deepsuite.checkpoint.consolidate import consolidated_state_dict, load_model_from_checkpoint
+from deepsuite.checkpoint.hf_io import read_safetensors
+from deepsuite.checkpoint.manager import STATE_FILE, CheckpointError, read_state
 from deepsuite.cli import main
 from deepsuite.config import load_config
 from deepsuite.training.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_te import install_fake_te
 
 STEPS = 3
 
@@ -120,12 +118,13 @@ def test_bf16_zero0_consolidates_to_the_fp32_masters(bf16_zero0: dict[str, Any],
 
 
 def test_bf16_zero0_without_recorded_names_and_with_wrong_ones(bf16_zero0: dict[str, Any]) -> None:
-    """A checkpoint from before `optimizer_param_names`: the names come from deepsuite's optimizer
-    grouping of the config's model, checked value by value; names that do not fit are refused."""
+    """Without `optimizer_param_names` the masters cannot be named: refused, as are names that do
+    not fit (checked value by value)."""
     path = bf16_zero0["path"]
     state = read_state(path)
     names = state.pop("optimizer_param_names")
-    assert_equal(consolidated_state_dict(path, state), bf16_zero0["masters"])
+    with pytest.raises(CheckpointError, match="named only by the `optimizer_param_names`"):
+        consolidated_state_dict(path, state)
     # two same-shaped parameters swapped: their masters do not round to the stored bf16 weights
     flat = [n for group in names for n in group]
     i, j = flat.index("layers.0.ln_1.weight"), flat.index("layers.0.ln_2.weight")
@@ -157,81 +156,48 @@ def test_bf16_zero_1_3_consolidate_to_the_fp32_masters(tiny_data: Path, tmp_path
 # ------------------------------------------------------------------------ FP8 on Transformer Engine
 
 
-def te_layout(plain: dict[str, torch.Tensor], extra_state: Any) -> dict[str, Any]:
-    """``plain`` as a model converted by `prepare_fp8` on the TE backend would store it: every
-    stacked ``experts.gate_up_proj`` / ``experts.down_proj`` as ``TEGroupedExperts``' per-expert
-    ``gate_up.weight{e}`` / ``down.weight{e}`` plus ``_extra_state``, every Linear with an
-    ``_extra_state`` (te.Linear), in module order."""
-    out: dict[str, Any] = {}
-    for key, value in plain.items():
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj"):
-            proj = leaf.removesuffix("_proj")
-            for e in range(value.shape[0]):
-                out[f"{prefix}.{proj}.weight{e}"] = value[e].clone()
-            out[f"{prefix}.{proj}._extra_state"] = extra_state
-        else:
-            out[key] = value
-            if leaf == "weight" and value.ndim == 2 and "norm" not in prefix and "embed" not in prefix:
-                out[f"{prefix}._extra_state"] = extra_state
-    return out
-
-
-def tiny_deepseek() -> torch.nn.Module:
-    from deepsuite.config.loader import config_from_dict, config_to_dict
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_te_run_consolidates_and_inspects_as_the_plain_model(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: int
+) -> None:
+    """A bf16 DeepSeek-V3 run converted to (fake) TE: its checkpoint consolidates to exactly the plain
+    model's keys, whose values are the live fp32 masters (the TE experts' per-expert masters stacked),
+    and the inspector reports the plain shapes."""
+    import deepsuite.fp8 as fp8
+    from deepsuite.checkpoint.inspect import _training_tensors
+    from deepsuite.fp8.experts import TEGroupedExperts
     from deepsuite.models.registry import build_model
 
-    cfg = load_config(None, tiny_overrides(Path("unused"), Path("unused"), **TINY_DEEPSEEK))
-    model_cfg = config_from_dict(config_to_dict(cfg)).model
-    torch.manual_seed(0)
-    return build_model(model_cfg, device="cpu")
+    install_fake_te(monkeypatch)
+    monkeypatch.setattr(fp8, "select_backend", lambda cfg, device, blockers=(): ("te", []))
+    trainer, path = train_and_save(
+        tiny_data,
+        tmp_path,
+        **TINY_DEEPSEEK,
+        fp8__enabled=True,
+        training__dtype="bf16",
+        parallel__zero_stage=stage,
+        checkpoint__every=STEPS,
+    )
+    experts = trainer.engine.module.layers[1].ffn.experts
+    assert isinstance(experts, TEGroupedExperts)
+    masters = live_masters(trainer)
+    assert "layers.1.ffn.experts.gate_up.weight0" in masters  # what the optimizer knows
 
+    sd = consolidated_state_dict(path, read_state(path))
+    plain = build_model(trainer.cfg.model, device="cpu")
+    assert sorted(sd) == sorted(plain.state_dict())
+    for proj, key in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+        stacked = torch.stack(
+            [masters[f"layers.1.ffn.experts.{proj}.weight{e}"] for e in range(experts.n_experts)]
+        )
+        assert torch.equal(sd[f"layers.1.ffn.experts.{key}"], stacked), key
+    assert_equal(
+        sd, {k: v for k, v in masters.items() if ".experts.gate_up." not in k and ".experts.down." not in k}
+    )
+    model, _, _ = load_model_from_checkpoint(path)  # strict load into the plain model
 
-def test_te_expert_keys_map_back_to_the_stacked_layout() -> None:
-    from deepsuite.fp8.experts import stack_te_expert_state_dict, te_expert_stack_plan
-
-    model = tiny_deepseek()
-    plain = model.state_dict()
-    assert any(k.endswith("experts.gate_up_proj") for k in plain)
-    # a non-tensor extra state too (older TE pickled a BytesIO): never touched, only dropped
-    for extra in (torch.zeros(0, dtype=torch.uint8), io.BytesIO(b"fp8 meta")):
-        te_sd = te_layout(plain, extra)
-        assert any(k.endswith("gate_up.weight1") for k in te_sd)
-        assert any(k.endswith("_extra_state") for k in te_sd)
-        mapped = stack_te_expert_state_dict(te_sd)
-        assert list(mapped) == list(plain)
-        for key, value in plain.items():
-            assert torch.equal(mapped[key], value), key
-    plan = te_expert_stack_plan(te_layout(plain, None))
-    e = model.layers[1].ffn.experts.n_experts  # type: ignore[union-attr,index]
-    expected = [f"layers.1.ffn.experts.down.weight{i}" for i in range(e)]
-    assert plan["layers.1.ffn.experts.down_proj"] == expected
-    # a lone `down.weight0` (no gate_up, or experts missing) is not an expert pair
-    assert te_expert_stack_plan(["a.down.weight0", "b.gate_up.weight0", "b.down.weight1"]) == {}
-
-
-def test_te_zero0_checkpoint_consolidates_and_inspects_as_the_plain_model(tmp_path: Path) -> None:
-    """A ZeRO-0 fp32 model states file with TE keys (tensor `_extra_state`, as TE writes it):
-    consolidation gives the plain layout that loads strictly into the plain model, and the
-    inspector's shapes are the stacked ones."""
-    from deepsuite.checkpoint.inspect import _training_tensors
-
-    model = tiny_deepseek()
-    plain = model.state_dict()
-    tag_dir = tmp_path / "step_1" / "deepspeed"
-    tag_dir.mkdir(parents=True)
-    te_sd = te_layout(plain, torch.zeros(8, dtype=torch.uint8))
-    torch.save({"module": te_sd, "optimizer": None}, tag_dir / "mp_rank_00_model_states.pt")
-    sd = consolidated_state_dict(tmp_path / "step_1", {"zero_stage": 0})
-    assert sorted(sd) == sorted(plain)
-    fresh = tiny_deepseek()
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    load_state_dict_strict(fresh, sd)
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(value, plain[key]), key
-    tensors, _ = _training_tensors(tag_dir)
+    tensors, _ = _training_tensors(path / "deepspeed")
     key = "layers.1.ffn.experts.gate_up_proj"
-    assert tensors[key][0] == tuple(plain[key].shape)
-    assert not any(".gate_up.weight" in k for k in tensors)
+    assert tensors[key][0] == tuple(model.state_dict()[key].shape)
+    assert not any(".gate_up.weight" in k or k.endswith("_extra_state") for k in tensors)

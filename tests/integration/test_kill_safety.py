@@ -1,5 +1,7 @@
 """Kill safety: SIGKILL the trainer at named points of a checkpoint save; resuming always finds the
-last complete checkpoint and continues exactly like an uninterrupted run."""
+last complete checkpoint and continues exactly like an uninterrupted run.
+
+The trainer runs through `paused_save.py`, which stops the save at the point (see its ``AFTER``)."""
 
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Trai
 
 
 def kill_at(point: str, argv: list[str], timeout: float = 240.0) -> None:
-    env = dict(os.environ, DEEPSUITE_TEST_PAUSE_AT=f"{point}@4", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)  # set by this process's own world of one: the child makes its own
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepsuite", *argv],
+        [sys.executable, str(Path(__file__).with_name("paused_save.py")), f"{point}@4", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

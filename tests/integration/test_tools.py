@@ -18,12 +18,12 @@ import pytest
 import torch
 from conftest import TINY_DEEPSEEK, tiny_overrides
 
+from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
+from deepsuite.checkpoint.hf import save_hf
 from deepsuite.checkpoint.hf_io import read_safetensors, save_model
 from deepsuite.checkpoint.inspect import inspect_checkpoint
-from deepsuite.checkpoint.manager import load_model_from_checkpoint
 from deepsuite.cli import main
 from deepsuite.config import load_config
-from deepsuite.models.hf import save_hf
 from deepsuite.models.registry import get_model_spec
 from deepsuite.training.trainer import train
 

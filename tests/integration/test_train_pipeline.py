@@ -48,7 +48,8 @@ def test_exact_resume_is_bitwise_identical(
     assert first.losses + second.losses == ref.losses  # bitwise: float equality
     assert losses(tmp_path) == losses(ref_dir)
     assert val_losses(tmp_path) == val_losses(ref_dir)
-    from deepsuite.checkpoint.manager import consolidated_state_dict, read_state
+    from deepsuite.checkpoint.consolidate import consolidated_state_dict
+    from deepsuite.checkpoint.manager import read_state
 
     a = consolidated_state_dict(ref_dir / "step_6", read_state(ref_dir / "step_6"))
     b = consolidated_state_dict(tmp_path / "step_6", read_state(tmp_path / "step_6"))
@@ -122,9 +123,9 @@ def test_generate_cli(straight: tuple[Path, TrainResult], capsys: pytest.Capture
 
 
 def test_convert_to_hf_matches_the_trained_model(straight: tuple[Path, TrainResult], tmp_path: Path) -> None:
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
+    from deepsuite.checkpoint.hf import load_hf
     from deepsuite.cli import main
-    from deepsuite.models.hf import load_hf
 
     run_dir, _ = straight
     model, _, _ = load_model_from_checkpoint(run_dir)
@@ -147,7 +148,7 @@ def test_zero2_resume_and_consolidation(
     first = run(tiny_data, tmp_path, training__max_steps_per_run=3, parallel__zero_stage=2)
     second = run(tiny_data, tmp_path, parallel__zero_stage=2)
     assert first.losses + second.losses == pytest.approx(ref.losses, rel=1e-6)
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
 
     model, state, _ = load_model_from_checkpoint(tmp_path)
     assert state["zero_stage"] == 2 and state["step"] == 6
@@ -204,7 +205,7 @@ def test_deepseek_v3_mtp_run_reports_main_loss_and_acceptance(
     assert result.mtp_acceptance == spec["mtp_acceptance"]
 
     # the last validation loss equals the main cross-entropy of the final weights on the eval windows
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
+    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
     from deepsuite.data import TokenShards, eval_starts, windows_batch
 
     model, _, cfg = load_model_from_checkpoint(tmp_path / "a" / "step_6")

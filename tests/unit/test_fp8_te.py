@@ -1,26 +1,21 @@
 """The Transformer Engine path's conversion logic, run against a FAKE ``transformer_engine``.
 
-MOCKED: TE cannot be installed here (no CUDA). The fake package below mimics the TE API that
-deepsuite calls (``te.Linear``, ``te.GroupedLinear`` with ``m_splits``, ``te.Fp8Padding`` /
-``te.Fp8Unpadding``, ``te.autocast`` / ``te.fp8_autocast``, ``te.is_*_available`` and the recipe
-classes) with plain high-precision PyTorch, so these tests check deepsuite's logic only: which
-modules are swapped, that weights are copied, that m_splits are the tokens per expert, which
-recipe is built from which config, which autocast is entered. Real TE runs in
-tests/gpu/test_te_cuda.py (skipped unless transformer_engine imports on a GPU machine).
+MOCKED: TE cannot be installed here (no CUDA). The fake package (tests/fake_te.py) mimics the TE
+API that deepsuite calls with plain high-precision PyTorch, so these tests check deepsuite's logic
+only: which modules are swapped, that weights are copied, that m_splits are the tokens per expert,
+which recipe is built from which config, which autocast is entered, that converted models save and
+load the plain layout. Real TE runs in tests/gpu/test_te_cuda.py (skipped unless
+transformer_engine imports on a GPU machine).
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import importlib.machinery
 import sys
-import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import deepsuite.fp8 as fp8
@@ -28,109 +23,13 @@ from deepsuite.config.schema import FP8Config
 from deepsuite.fp8 import te as te_path
 from deepsuite.models import build_model
 
-RECIPES = ("DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling")
-
-
-def _fake_te(
-    new_api: bool = True, recipes: tuple[str, ...] = RECIPES, mxfp8_ok: bool = False
-) -> dict[str, Any]:
-    """Modules of a fake transformer_engine; ``calls`` records autocast entries."""
-    calls: list[tuple[str, dict[str, Any]]] = []
-    root = types.ModuleType("transformer_engine")
-    root.__spec__ = importlib.machinery.ModuleSpec("transformer_engine", None)
-    root.__version__ = "0.0-fake"
-    pt = types.ModuleType("transformer_engine.pytorch")
-    pt.__spec__ = importlib.machinery.ModuleSpec("transformer_engine.pytorch", None)
-    common = types.ModuleType("transformer_engine.common")
-    recipe = types.ModuleType("transformer_engine.common.recipe")
-
-    class Format(enum.Enum):
-        E4M3 = "E4M3"
-        HYBRID = "HYBRID"
-
-    recipe.Format = Format
-    for name in recipes:
-        recipe.__dict__[name] = type(name, (), {"__init__": lambda self, **kw: setattr(self, "kwargs", kw)})
-
-    class Linear(nn.Linear):
-        def __init__(self, i: int, o: int, bias: bool = True, params_dtype: Any = None, device: Any = None):
-            super().__init__(i, o, bias=bias, dtype=params_dtype, device=device)
-
-    class GroupedLinear(nn.Module):
-        def __init__(
-            self, n: int, i: int, o: int, bias: bool = False, params_dtype: Any = None, device: Any = None
-        ):
-            super().__init__()
-            for e in range(n):
-                self.register_parameter(
-                    f"weight{e}", nn.Parameter(torch.empty(o, i, dtype=params_dtype, device=device))
-                )
-            self.n = n
-
-        def forward(self, inp: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
-            assert len(m_splits) == self.n and sum(m_splits) == inp.shape[0]
-            parts = inp.split(m_splits)
-            return torch.cat([F.linear(p, getattr(self, f"weight{e}")) for e, p in enumerate(parts)])
-
-    class Fp8Padding(nn.Module):
-        def __init__(self, n: int) -> None:
-            super().__init__()
-
-        def forward(self, inp: torch.Tensor, m_splits: list[int]) -> tuple[torch.Tensor, list[int]]:
-            padded = [-(-m // 16) * 16 for m in m_splits]
-            parts = [F.pad(p, (0, 0, 0, q - m)) for p, m, q in zip(inp.split(m_splits), m_splits, padded)]
-            return torch.cat(parts), padded
-
-    class Fp8Unpadding(nn.Module):
-        def __init__(self, n: int) -> None:
-            super().__init__()
-
-        def forward(self, inp: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
-            padded = [-(-m // 16) * 16 for m in m_splits]
-            return torch.cat([p[:m] for p, m in zip(inp.split(padded), m_splits)])
-
-    @contextlib.contextmanager
-    def autocast(**kw: Any):
-        calls.append(("autocast", kw))
-        yield
-
-    @contextlib.contextmanager
-    def fp8_autocast(**kw: Any):
-        calls.append(("fp8_autocast", kw))
-        yield
-
-    pt.Linear, pt.GroupedLinear, pt.Fp8Padding, pt.Fp8Unpadding = (
-        Linear,
-        GroupedLinear,
-        Fp8Padding,
-        Fp8Unpadding,
-    )
-    if new_api:
-        pt.autocast = autocast
-    pt.fp8_autocast = fp8_autocast
-    pt.is_fp8_available = lambda return_reason=False: (True, "") if return_reason else True
-    pt.is_fp8_block_scaling_available = lambda return_reason=False: (True, "")
-    pt.is_mxfp8_available = lambda return_reason=False: (
-        mxfp8_ok,
-        "" if mxfp8_ok else "MXFP8 needs Blackwell",
-    )
-    root.pytorch, root.common, common.recipe = pt, common, recipe
-    return {
-        "transformer_engine": root,
-        "transformer_engine.pytorch": pt,
-        "transformer_engine.common": common,
-        "transformer_engine.common.recipe": recipe,
-        "calls": calls,
-    }
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_te import install_fake_te
 
 
 @pytest.fixture
 def fake_te(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    mods = _fake_te()
-    for name, mod in mods.items():
-        if name != "calls":
-            monkeypatch.setitem(sys.modules, name, mod)
-    return mods
+    return install_fake_te(monkeypatch)
 
 
 def test_recipes_from_config(fake_te: dict[str, Any]) -> None:
@@ -148,17 +47,10 @@ def test_recipes_from_config(fake_te: dict[str, Any]) -> None:
 
 
 def test_recipe_refused_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    mods = _fake_te(recipes=("DelayedScaling",))
-    for name, mod in mods.items():
-        if name != "calls":
-            monkeypatch.setitem(sys.modules, name, mod)
+    install_fake_te(monkeypatch, recipes=("DelayedScaling",))
     assert "has no Float8BlockScaling" in te_path.recipe_unsupported_reason("block")
     assert te_path.recipe_unsupported_reason("delayed") is None
-    mods = _fake_te()
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", mods["transformer_engine.pytorch"])
-    monkeypatch.setitem(
-        sys.modules, "transformer_engine.common.recipe", mods["transformer_engine.common.recipe"]
-    )
+    install_fake_te(monkeypatch)
     assert "MXFP8 needs Blackwell" in te_path.recipe_unsupported_reason("mxfp8")
 
 
@@ -171,10 +63,7 @@ def test_te_missing_is_reported() -> None:
 
 @pytest.mark.parametrize("new_api", [True, False], ids=["te.autocast", "te.fp8_autocast"])
 def test_autocast_uses_the_installed_api(monkeypatch: pytest.MonkeyPatch, new_api: bool) -> None:
-    mods = _fake_te(new_api=new_api)
-    for name, mod in mods.items():
-        if name != "calls":
-            monkeypatch.setitem(sys.modules, name, mod)
+    mods = install_fake_te(monkeypatch, new_api=new_api)
     recipe = object()
     ctx = fp8.FP8Context(backend="te", te_recipe=recipe, amax_group="dp-group")
     with ctx.autocast():
@@ -232,7 +121,7 @@ def test_prepare_fp8_te_converts_linears_and_experts(
     x = torch.randn(37, 128)
     counts = [5, 0, 9, 3, 7, 1, 12, 0]
     torch.testing.assert_close(experts(x, counts), ref.layers[1].ffn.experts(x, counts))
-    stacked = experts.to_stacked_state_dict()
+    stacked = experts.state_dict()  # the plain layout (see the next test)
     torch.testing.assert_close(stacked["gate_up_proj"], ref.layers[1].ffn.experts.gate_up_proj)
     # the whole model, under the TE autocast
     ids = torch.randint(0, 4096, (2, 24))
@@ -243,3 +132,41 @@ def test_prepare_fp8_te_converts_linears_and_experts(
 
 def prepare_fp8(model: nn.Module, cfg: FP8Config) -> fp8.FP8Context:
     return fp8.prepare_fp8(model, cfg)
+
+
+def test_te_model_saves_and_loads_the_plain_layout(
+    fake_te: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TE-converted model's state dict has exactly the plain model's keys, in its order, with its
+    values (stacked experts, no TE ``_extra_state``); it loads strictly into the plain model and a
+    plain state dict loads strictly into the TE model. The metadata names the parameters each
+    stacked key is made of, as the optimizer knows them."""
+    from deepsuite.fp8.experts import STACKED_PARAMETERS
+
+    monkeypatch.setattr(fp8, "select_backend", lambda cfg, device, blockers=(): ("te", []))
+    torch.manual_seed(0)
+    plain = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    model = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    model.load_state_dict(plain.state_dict())
+    prepare_fp8(model, FP8Config(enabled=True, recipe="delayed"))
+    assert isinstance(model.layers[0].attn.wq_a, fake_te["transformer_engine.pytorch"].Linear)
+    assert "_extra_state" in nn.Module.state_dict(model.layers[0].attn.wq_a.__class__(16, 16))  # TE-like
+    saved = model.state_dict()
+    assert list(saved) == list(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    stacked = saved._metadata["layers.1.ffn.experts"][STACKED_PARAMETERS]
+    assert stacked["down_proj"] == [f"down.weight{e}" for e in range(8)]
+    params = dict(model.named_parameters())
+    assert all(f"layers.1.ffn.experts.{n}" in params for names in stacked.values() for n in names)
+    # plain -> TE and TE -> plain, strictly
+    torch.manual_seed(1)
+    other = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    prepare_fp8(other, FP8Config(enabled=True, recipe="delayed"))
+    other.load_state_dict(plain.state_dict())
+    fresh = build_model(name="deepseek_v3", flavor="deepseek-v3-debug")
+    fresh.load_state_dict(other.state_dict())
+    ids = torch.randint(0, 4096, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids), plain(ids))
+        torch.testing.assert_close(fresh(ids), plain(ids))

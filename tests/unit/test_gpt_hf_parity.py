@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
+from deepsuite.checkpoint.hf import load_hf, save_hf
 from deepsuite.config.errors import ConfigError
 from deepsuite.models.gpt import hf_adapter
 from deepsuite.models.gpt.config import GPTConfig
 from deepsuite.models.gpt.model import GPT
-from deepsuite.models.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from deepsuite.checkpoint import hf_io
+from deepsuite.checkpoint.hf import load_hf, save_hf
 from deepsuite.checkpoint.hf_io import (
     CheckpointFormatError,
     load_model,
@@ -17,9 +18,10 @@ from deepsuite.checkpoint.hf_io import (
     save_model,
     write_hf_folder,
 )
+from deepsuite.config.errors import ConfigError
 from deepsuite.models.gpt.config import GPTConfig
 from deepsuite.models.gpt.model import GPT
-from deepsuite.models.hf import load_hf, model_family, save_hf
+from deepsuite.models.registry import model_family, unwrap_model
 
 ARGS = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2)
 
@@ -163,10 +165,8 @@ def test_model_family_of_wrapped_models():
             self.module = module
 
     assert model_family(model) == "gpt"
-    from deepsuite.models.hf import unwrap_model
-
     assert unwrap_model(Engine(model)) is model
-    with pytest.raises(CheckpointFormatError, match="not a model of any registered family"):
+    with pytest.raises(ConfigError, match="not a model of any registered family"):
         model_family(torch.nn.Linear(2, 2))
 
 
@@ -390,10 +390,10 @@ def test_atomic_dir_sets_mode_from_umask_and_fsyncs_before_the_rename(tmp_path: 
     import os
     import stat
 
-    from deepsuite.checkpoint import manager
+    from deepsuite.checkpoint import atomic
 
     synced: list[tuple[str, Path, bool]] = []
-    real_file, real_dir = manager._fsync_file, manager._fsync_dir
+    real_file, real_dir = atomic.fsync_file, atomic.fsync_dir
 
     def record(kind, real):
         def fsync(path):
@@ -402,8 +402,8 @@ def test_atomic_dir_sets_mode_from_umask_and_fsyncs_before_the_rename(tmp_path: 
 
         return fsync
 
-    monkeypatch.setattr(manager, "_fsync_file", record("file", real_file))
-    monkeypatch.setattr(manager, "_fsync_dir", record("dir", real_dir))
+    monkeypatch.setattr(atomic, "fsync_file", record("file", real_file))
+    monkeypatch.setattr(atomic, "fsync_dir", record("dir", real_dir))
     old = os.umask(0o027)
     try:
         save_hf(tiny(), tmp_path / "out")

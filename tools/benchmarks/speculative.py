@@ -48,7 +48,7 @@ def load(checkpoint: str | None) -> tuple[DeepSeekV3, str]:
 
         model = load_model(path)
     else:
-        from deepsuite.checkpoint.manager import load_model_from_checkpoint
+        from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
 
         model, _, _ = load_model_from_checkpoint(path)
     if not isinstance(model, DeepSeekV3):

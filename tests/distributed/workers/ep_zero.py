@@ -143,10 +143,13 @@ for stage in stages:
         result["resumed"] = cont
 
         # consolidation: DeepSpeed files + expert shards -> full fp32 state dict -> HF folder
+        from deepsuite.checkpoint.consolidate import consolidated_state_dict
+        from deepsuite.checkpoint.hf import save_hf
+        from deepsuite.checkpoint.hf_io import load_state_dict_strict
         from deepsuite.config.schema import ModelConfig
-        from deepsuite.parallel.consolidate import consolidate_state_dict, consolidate_to_hf
+        from deepsuite.models.registry import build_model
 
-        sd = consolidate_state_dict(ckpt, tag="step20")
+        sd = consolidated_state_dict(ckpt, tag="step20")
         lo, hi = groups.layout.local_expert_range(base.args.n_routed_experts)
         fresh = make_engine(stage, make_base(7))
         fresh.load_checkpoint(str(ckpt), tag="step20")
@@ -170,7 +173,9 @@ for stage in stages:
             model_cfg = ModelConfig(
                 name="deepseek_v3", flavor="deepseek-v3-debug", args={"vocab_size": V, "n_layers": 2}
             )
-            consolidate_to_hf(ckpt, hf_dir, tag="step20", model_cfg=model_cfg)
+            model = build_model(model_cfg, device="cpu", init=False)
+            load_state_dict_strict(model, consolidated_state_dict(ckpt, tag="step20"), source=str(ckpt))
+            save_hf(model, hf_dir)
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()

@@ -2,8 +2,9 @@
 
 Until the trainer calls them itself (see the integration notes in `deepsuite.parallel.expert_parallel`),
 this worker installs them by monkeypatching: `parallelize_experts` in `parallelize_model`, MoE
-optimizer groups in `build_optimizer`, expert shards around the engine's checkpoint save/load, and
-EP-aware consolidation. With `--native` it patches nothing (the trainer is expected to integrate).
+optimizer groups in `build_optimizer` and expert shards around the engine's checkpoint save/load
+(consolidation finds the shards by itself). With `--native` it patches nothing (the trainer is
+expected to integrate).
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ native = args.native
 
 
 def install_integration() -> None:
-    import deepsuite.checkpoint.manager as manager
     import deepsuite.parallel.parallelize as parallelize
     import deepsuite.training.optim as optim
-    from deepsuite.parallel.consolidate import consolidate_state_dict
     from deepsuite.parallel.expert_parallel import load_expert_shards, parallelize_experts, save_expert_shards
     from deepsuite.parallel.groups import optimizer_param_groups
 
@@ -71,7 +70,6 @@ def install_integration() -> None:
         return out
 
     engine_cls.save_checkpoint, engine_cls.load_checkpoint = save_checkpoint, load_checkpoint
-    manager.consolidated_state_dict = lambda path, state: consolidate_state_dict(path / manager.DS_TAG)
 
 
 if not native:
@@ -129,8 +127,8 @@ if rank == 0:
     # convert zero-to-hf on the EP=2 × ZeRO-2 checkpoint; logits vs the EP=1 run's consolidated model
     from transformers import AutoModelForCausalLM
 
+    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
     from deepsuite.checkpoint.convert import zero_to_hf
-    from deepsuite.checkpoint.manager import load_model_from_checkpoint
 
     zero_to_hf(ep2 / "ckpt", base / "hf")
     hf = AutoModelForCausalLM.from_pretrained(base / "hf", torch_dtype=torch.float32).eval()

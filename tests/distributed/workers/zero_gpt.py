@@ -88,11 +88,11 @@ for stage in (0, 1, 2, 3):
     result[f"zero{stage}_bytes"] = measured
     if args.dir is not None:
         # consolidation of this stage's checkpoint (DeepSpeed's zero_to_fp32 for ZeRO-1/2/3) == the weights
-        from deepsuite.parallel.consolidate import consolidate_state_dict
+        from deepsuite.checkpoint.consolidate import consolidated_state_dict
 
         engine.save_checkpoint(str(args.dir / f"zero{stage}"), tag="final")
         dist.barrier()
-        sd = consolidate_state_dict(args.dir / f"zero{stage}", tag="final")
+        sd = consolidated_state_dict(args.dir / f"zero{stage}", tag="final")
         ref_sd = ref.state_dict()
         assert set(sd) >= {k for k, _ in ref.named_parameters()}, sorted(set(ref_sd) - set(sd))
         worst = max(float((sd[k] - v).abs().max()) for k, v in ref.named_parameters())
