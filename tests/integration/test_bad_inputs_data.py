@@ -179,7 +179,7 @@ def test_rerun_after_sigkill_removes_the_killed_runs_temporary_folder(
 
 @pytest.mark.timeout(120)  # opening a named pipe would block: fail instead of hanging the suite
 @pytest.mark.parametrize("dry_run", [False, True])
-@pytest.mark.parametrize("name", ["meta.json", "train_000.bin", "tokenizer.model"])
+@pytest.mark.parametrize("name", ["meta.json", "train_000.bin", "val_000.bin", "tokenizer.model"])
 def test_named_pipe_in_a_data_folder_is_refused_unopened(
     capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path, name: str, dry_run: bool
 ) -> None:
