@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from deepsuite.config import ConfigError, load_config
-from deepsuite.config.loader import check_schedule
+from deepsuite.config.loader import check_optional_packages, check_schedule
 from deepsuite.data.errors import DataError
 from deepsuite.parallel.plan import add_plan_arguments, plan_main
 
@@ -230,6 +230,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_train(args: argparse.Namespace) -> int:
     """`deepsuite train`."""
     cfg = _config(args)
+    check_optional_packages(cfg)  # a backend asked for by name is installed, --dry-run included
     if os.environ.get("RANK", "0") == "0":  # one warning per run, not per rank
         check_schedule(cfg)
     resume = None

@@ -13,13 +13,19 @@ from typing import Any, Literal, get_args, get_origin
 
 from deepsuite.config.errors import ConfigError
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: torch computes learning rates, epsilons and init stds in float32 and
+fails (or overflows to inf) beyond it."""
+
 
 def suggest(key: str, choices: typing.Iterable[str]) -> str:
+    """``; did you mean 'x'?`` for the choice closest to ``key`` (empty when none is close)."""
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def type_name(tp: Any) -> str:
+    """A readable name of the annotation ``tp``."""
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

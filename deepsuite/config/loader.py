@@ -1,13 +1,15 @@
 """Load, merge, check and dump configurations.
 
 Precedence: CLI `key=value` overrides > YAML file > dataclass defaults. Every problem raises one
-`ConfigError` naming the key, the value and the fix. YAML goes through `yaml.safe_load` only, so a
-file with a Python tag is refused instead of executed.
+`ConfigError` naming the key, the value and the fix. YAML goes through the safe loader only, so a
+file with a Python tag is refused instead of executed, and a key written twice in one mapping is
+refused instead of the later one silently winning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 import warnings
@@ -16,9 +18,53 @@ from typing import Any, get_origin
 
 import yaml
 
-from deepsuite.config.coerce import build_dataclass, suggest
+from deepsuite.config.coerce import FLOAT32_MAX, build_dataclass, suggest
 from deepsuite.config.errors import ConfigError, ConfigWarning
 from deepsuite.config.schema import SECTIONS, Config, ModelConfig
+
+
+class DuplicateKeyError(Exception):
+    """A key written twice in one YAML mapping: ``key`` (dotted path) at marks ``first`` and ``second``."""
+
+    def __init__(self, key: str, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+    def where(self, unit: str = "line") -> str:
+        """``lines 3 and 7`` (``unit="column"``: ``columns 2 and 9``), 1-based."""
+        a, b = (m.line if unit == "line" else m.column for m in (self.first, self.second))
+        return f"{unit}s {a + 1} and {b + 1}"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that raises `DuplicateKeyError` for a key repeated in one mapping (PyYAML
+    keeps the last one, so a section written twice would silently lose the first one's values).
+    Keys brought in by a merge (``<<: *anchor``) may still be overridden, as YAML intends."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicates(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, node: yaml.Node, path: str, visited: set[int]) -> None:
+        if id(node) in visited:  # aliases may point back up the tree
+            return
+        visited.add(id(node))
+        children: list[tuple[str, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, value_node in node.value:
+                name = path
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    name = f"{path}.{key}" if path else str(key)
+                    if key in seen:
+                        raise DuplicateKeyError(name, seen[key], key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                children.append((name, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+        for name, child in children:
+            self._refuse_duplicates(child, name, visited)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -35,7 +81,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"override {key}={raw!r} has the key '{exc.key}' twice ({exc.where('column')}); keep one of them"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"override {key}={raw!r} is not a valid YAML value ({_yaml_problem(exc, 'column')})"
@@ -74,7 +124,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file with --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{p}: the key '{exc.key}' is written twice ({exc.where()}); keep one of them (YAML would "
+            "silently use the last)"
+        ) from None
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(
             f"{p}: YAML tag refused ({exc.problem}); config files hold plain values only"
@@ -182,18 +237,43 @@ def _fraction(
         raise ConfigError(f"{key}={value} must be in {interval}{hint or _example(key)}")
 
 
+SEED_MAX = 2**32 - 1
+"""numpy's `default_rng`/`PCG64` and SentencePiece take seeds in [0, 2**32 - 1]."""
+
+
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(
+            f"{key}={value} must be in [0, {SEED_MAX}] (an unsigned 32-bit seed){_example(key)}"
+        )
+
+
+def _even(key: str, value: int) -> None:
+    """DeepSpeed's ZeRO-1/2 asserts its all-gather bucket is a multiple of 2 (4-byte aligned fp16)."""
+    if value % 2:
+        raise ConfigError(
+            f"{key}={value} must be even (DeepSpeed aligns its all-gather buffers to 2 elements), "
+            f"e.g. {key}={value + 1}"
+        )
+
+
 def _check_finite(cfg: Config) -> None:
-    """Refuse NaN and infinity in every float field (and list of floats) of every section."""
+    """Refuse NaN, infinity and values beyond float32's range in every float field (and list of
+    floats) of every section."""
     for section in SECTIONS:
         obj = getattr(cfg, section)
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             tp, value = hints[f.name], getattr(obj, f.name)
             values = value if get_origin(tp) is list and isinstance(value, list) else [value]
+            key = f"{section}.{f.name}"
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{key}={value} must be a finite number{_example(key)}")
+                if isinstance(v, float) and abs(v) > FLOAT32_MAX:
                     raise ConfigError(
-                        f"{section}.{f.name}={value} must be a finite number{_example(f'{section}.{f.name}')}"
+                        f"{key}={value} is beyond float32's range (|x| <= {FLOAT32_MAX:.2g}), which torch "
+                        f"computes in{_example(key)}"
                     )
 
 
@@ -216,10 +296,38 @@ DEEPSPEED_DERIVED_KEYS: dict[tuple[str, ...], str] = {
 checkpoint code and the planner read: a raw value would silently contradict them."""
 
 
+DEEPSPEED_COUNTS: dict[tuple[str, ...], tuple[int, bool]] = {
+    ("zero_optimization", "reduce_bucket_size"): (1, False),
+    ("zero_optimization", "allgather_bucket_size"): (2, True),
+    ("zero_optimization", "stage3_prefetch_bucket_size"): (0, False),
+    ("zero_optimization", "stage3_param_persistence_threshold"): (0, False),
+    ("zero_optimization", "stage3_model_persistence_threshold"): (0, False),
+    ("zero_optimization", "stage3_max_live_parameters"): (0, False),
+    ("zero_optimization", "stage3_max_reuse_distance"): (0, False),
+    ("zero_optimization", "sub_group_size"): (0, False),
+    ("steps_per_print",): (1, False),
+}
+"""Raw DeepSpeed counts that pass through: path -> (smallest allowed value, must be even). DeepSpeed
+answers a bad one with a traceback (pydantic, an assert) or, for a 0 bucket or print interval, with
+a division by zero steps later."""
+
+
+def _deepspeed_numbers(node: Any, path: str) -> None:
+    """Refuse NaN and infinity anywhere in the raw passthrough (DeepSpeed takes floats as given)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _deepspeed_numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _deepspeed_numbers(value, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{path}={node} must be a finite number")
+
+
 def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
-    """Refuse raw `parallel.deepspeed` keys that deepsuite derives itself: the batch layout, the
-    ZeRO stage, the precision and gradient clipping (other keys, e.g. ZeRO offload or bucket sizes,
-    pass through)."""
+    """Refuse raw `parallel.deepspeed` keys that deepsuite derives itself (the batch layout, the
+    ZeRO stage, the precision and gradient clipping), non-finite numbers, and counts DeepSpeed
+    cannot run with (`DEEPSPEED_COUNTS`); other keys, e.g. ZeRO offload, pass through."""
     for key, ours in DEEPSPEED_BATCH_KEYS.items():
         if key in raw:
             raise ConfigError(
@@ -236,9 +344,53 @@ def check_deepspeed_passthrough(raw: dict[str, Any]) -> None:
                 f"parallel.deepspeed.{dotted}={node!r} is not allowed: deepsuite derives it from {ours} (which "
                 f"its layout checks, checkpoints and planner follow); remove it and set {ours} instead"
             )
+    _deepspeed_numbers(raw, "parallel.deepspeed")
+    for path, (low, even) in DEEPSPEED_COUNTS.items():
+        value: Any = raw
+        for part in path:
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            continue
+        whole = isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or value < low or (even and value % 2):
+            key = "parallel.deepspeed." + ".".join(path)
+            need = f"a whole number >= {low}" + (
+                " and even (DeepSpeed aligns it to 2 elements)" if even else ""
+            )
+            text = "; YAML reads 5e8 as text, write 500000000 or 5.0e+8" if isinstance(value, str) else ""
+            raise ConfigError(f"{key}={value!r} must be {need}{text}; DeepSpeed fails on it later")
 
 
 _MISSING = object()
+
+
+def check_optional_packages(cfg: Config) -> None:
+    """Refuse a backend asked for by name whose package is not installed, before anything is built
+    (`deepsuite train` calls it, with or without ``--dry-run``). `auto` never needs one. Not part of
+    `validate`: `generate` may reload a run trained with flash-attn on a machine without it."""
+    wanted: list[tuple[str, str, str, str]] = []  # (setting, module, install command, alternative)
+    if cfg.attention.backend == "flash":
+        wanted.append(
+            ("attention.backend=flash", "flash_attn", "deepsuite[flash]", "attention.backend=auto or sdpa")
+        )
+    if cfg.loss.backend in ("cce", "liger"):
+        module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}[cfg.loss.backend]
+        wanted.append(
+            (
+                f"loss.backend={cfg.loss.backend}",
+                module,
+                f"deepsuite[{cfg.loss.backend}]",
+                "loss.backend=auto or chunked",
+            )
+        )
+    if cfg.logging.wandb:
+        wanted.append(("logging.wandb=true", "wandb", "wandb", "logging.wandb=false"))
+    for setting, module, package, instead in wanted:
+        if importlib.util.find_spec(module) is None:  # finds, imports nothing
+            raise ConfigError(
+                f"{setting} needs the `{module}` package, which is not installed: pip install '{package}' "
+                f"(or set {instead})"
+            )
 
 
 def check_schedule(cfg: Config) -> None:
@@ -289,6 +441,7 @@ def validate(cfg: Config) -> None:
     _positive("training.mtp_lambda", t.mtp_lambda, strict=False)
     _positive("training.mtp_lambda_after", t.mtp_lambda_after, strict=False)
     _positive("training.max_steps_per_run", t.max_steps_per_run, strict=False)
+    _seed("training.seed", t.seed)
     per_step = t.micro_batch_size * max(t.gradient_accumulation_steps, 1)
     if t.global_batch_size % per_step:
         raise ConfigError(
@@ -314,6 +467,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1), e.g. 0.05")
     _positive("data.num_proc", d.num_proc)
+    _seed("data.seed", d.seed)
     _positive("data.shard_tokens", d.shard_tokens)
     if not d.tokenizer and d.vocab_size < 260:
         raise ConfigError(
@@ -323,6 +477,9 @@ def validate(cfg: Config) -> None:
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     _positive("parallel.ep_size", p.ep_size)
+    _positive("parallel.reduce_bucket_size", p.reduce_bucket_size)
+    _positive("parallel.allgather_bucket_size", p.allgather_bucket_size)
+    _even("parallel.allgather_bucket_size", p.allgather_bucket_size)
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallel.offload_params=true needs parallel.zero_stage=3")
     if p.offload_optimizer and p.zero_stage == 0:

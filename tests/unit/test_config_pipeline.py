@@ -410,3 +410,193 @@ def test_train_warns_about_the_schedule_on_rank_0_only(
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         main(argv)  # rank 1 stays quiet (its dry run may say only "config and layout OK")
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI in-process: exit 2 and one `error: …` line on stderr, no traceback; the line."""
+    from deepsuite.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=1e39"], r"optim.lr=1e\+39 is beyond float32's range .*e.g. optim.lr=0.003"),
+        (["optim.eps=-1e39"], r"optim.eps=-1e\+39 must be > 0"),
+        (["training.grad_clip=1e39"], r"training.grad_clip=1e\+39 is beyond float32's range"),
+        (["loss.label_smoothing=1e39"], r"loss.label_smoothing=1e\+39 must be in \[0, 1\)"),
+        (["model.init_std=1e39"], r"model.init_std=1e\+39 is beyond float32's range .*model.init_std=0.02"),
+        (
+            ["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "model.rope_theta=1e39"],
+            r"model.rope_theta=1e\+39 is beyond float32's range",
+        ),
+    ],
+)
+def test_floats_beyond_float32_are_refused(overrides: list[str], message: str) -> None:
+    """torch computes learning rates, clip norms and init stds in float32: 1e39 used to end in an
+    overflow traceback inside AdamW (or an inf) instead of an error naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.init_std=-0.02"], r"model.init_std=-0.02 must be >= 0"),
+        (["model.layer_norm_eps=-1e-5"], r"model.layer_norm_eps=-1e-05 must be >= 0"),
+        (["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "model.init_std=-0.02"], r"init_std"),
+        (
+            ["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "model.rms_norm_eps=-1"],
+            r"rms_norm_eps",
+        ),
+        (
+            ["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "model.rope_theta=0"],
+            r"rope_theta=0.0",
+        ),
+        (["model.name=deepseek_v3", "model.flavor=deepseek-v3-debug", "model.route_scale=0"], r"route_scale"),
+        (
+            ["model.name=deepseek_v3", "model.rope_scaling=yarn", "model.beta_fast=0"],
+            r"beta_fast=0.0 must be > 0",
+        ),
+        (["model.name=deepseek_v3", "model.rope_scaling=yarn", "model.mscale_all_dim=-1"], r"mscale_all_dim"),
+    ],
+)
+def test_model_args_out_of_range_are_refused(overrides: list[str], message: str) -> None:
+    """Model fields torch or the RoPE tables cannot take (a negative std, a RoPE base <= 1, a YaRN
+    beta of 0) are refused when the config loads, not as a traceback when the model is built."""
+    if overrides[0] == "model.name=deepseek_v3" and "model.flavor=deepseek-v3-debug" not in overrides:
+        overrides = [*overrides, "model.flavor=deepseek-v3-671b"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("parallel.reduce_bucket_size=0", r"parallel.reduce_bucket_size=0 must be > 0"),
+        ("parallel.allgather_bucket_size=0", r"parallel.allgather_bucket_size=0 must be > 0"),
+        ("parallel.allgather_bucket_size=3", r"parallel.allgather_bucket_size=3 must be even"),
+        (
+            "parallel.deepspeed={zero_optimization: {allgather_bucket_size: 0}}",
+            r"zero_optimization.allgather_bucket_size=0 must be a whole number >= 2 and even",
+        ),
+        (
+            "parallel.deepspeed={zero_optimization: {reduce_bucket_size: 5e8}}",
+            r"reduce_bucket_size='5e8' must be a whole number >= 1; YAML reads 5e8 as text",
+        ),
+        ("parallel.deepspeed={steps_per_print: 0}", r"parallel.deepspeed.steps_per_print=0 must be"),
+        ("parallel.deepspeed={optimizer: {params: {lr: .nan}}}", r"optimizer.params.lr=nan must be a finite"),
+    ],
+)
+def test_deepspeed_sizes_it_cannot_run_with_are_refused(override: str, message: str) -> None:
+    """A 0 bucket divides by zero inside DeepSpeed's all-gather, an odd one trips its assert, a
+    reduce bucket of 0 its pydantic model: each is refused here, passthrough keys included."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["parallel.zero_stage=2", override])
+
+
+def test_valid_deepspeed_sizes_pass_through() -> None:
+    cfg = load_config(
+        None, ["parallel.deepspeed={zero_optimization: {reduce_bucket_size: 5.0e+8, sub_group_size: 0}}"]
+    )
+    assert cfg.parallel.deepspeed["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [
+        (["train", "--dry-run"], "data.seed=-1"),
+        (["prepare-data"], "data.seed=-1"),
+        (["train", "--dry-run"], "data.seed=4294967296"),
+        (["train", "--dry-run"], "training.seed=-5"),
+    ],
+)
+def test_seeds_out_of_range_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str], override: str
+) -> None:
+    """numpy and SentencePiece take unsigned 32-bit seeds: a negative data seed used to be a
+    traceback in prepare-data and train."""
+    key, _, value = override.partition("=")
+    line = _cli_error(capsys, [*command, f"data.out_dir={tmp_path / 'd'}", override])
+    assert f"{key}={value} must be in [0, 4294967295]" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        (
+            "training:\n  steps: 5\nmodel:\n  name: gpt\ntraining:\n  seq_len: 32\n",
+            "training",
+            "lines 1 and 5",
+        ),
+        ("training:\n  steps: 5\n  seq_len: 32\n  steps: 6\n", "training.steps", "lines 2 and 4"),
+        (
+            "parallel:\n  deepspeed:\n    zero_optimization: {a: 1, a: 2}\n",
+            "parallel.deepspeed.zero_optimization.a",
+            "lines 3 and 3",
+        ),
+    ],
+)
+def test_duplicate_yaml_keys_name_the_key_and_both_lines(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, key: str, lines: str
+) -> None:
+    """PyYAML keeps the last of two equal keys: a section written twice lost the first silently."""
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    line = _cli_error(capsys, ["train", "--config", str(f), "--dry-run"])
+    assert f"the key '{key}' is written twice ({lines})" in line
+
+
+def test_duplicate_keys_in_an_override_and_merge_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"has the key 'a' twice \(columns 2 and 8\)"):
+        load_config(None, ["parallel.deepspeed={a: 1, a: 2}"])
+    f = tmp_path / "merge.yaml"  # keys brought in by `<<:` may be overridden, as YAML intends
+    f.write_text("training:\n  <<: {steps: 3, seq_len: 16}\n  steps: 5\n")
+    cfg = load_config(f)
+    assert (cfg.training.steps, cfg.training.seq_len) == (5, 16)
+
+
+@pytest.mark.parametrize(
+    ("override", "module"),
+    [
+        ("attention.backend=flash", "flash_attn"),
+        ("loss.backend=cce", "cut_cross_entropy"),
+        ("loss.backend=liger", "liger_kernel"),
+        ("logging.wandb=true", "wandb"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_backend_asked_for_by_name_must_be_installed(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    override: str,
+    module: str,
+    dry_run: bool,
+) -> None:
+    """`--dry-run` used to pass attention.backend=flash without flash-attn and `train` then failed
+    with a traceback once the model ran; both now refuse it before anything is built."""
+    import importlib.util
+
+    import deepsuite.training.trainer as trainer
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a)
+    )
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the trainer was reached")
+
+    monkeypatch.setattr(trainer, "train", never)
+    monkeypatch.setattr(trainer, "dry_run", never)
+    argv = ["train", *(["--dry-run"] if dry_run else []), f"data.out_dir={tmp_path / 'd'}", override]
+    line = _cli_error(capsys, argv)
+    assert f"{override} needs the `{module}` package, which is not installed: pip install" in line
+    assert list(tmp_path.iterdir()) == []

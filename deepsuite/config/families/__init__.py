@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from deepsuite.config.coerce import build_dataclass, suggest
+from deepsuite.config.coerce import FLOAT32_MAX, build_dataclass, suggest
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.families import deepseek_v3, gpt
 
@@ -83,11 +83,18 @@ def build_args(name: str, flavor: str, overrides: dict[str, Any]) -> Any:
     args = build_dataclass(family.args_cls, base, "model")
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            default = getattr(flavors[flavor], f.name)
+        if not isinstance(value, float):
+            continue
+        default = getattr(flavors[flavor], f.name)
+        if not math.isfinite(value):
             raise ConfigError(
                 f"model.{f.name}={value} must be a finite number, e.g. model.{f.name}={default} "
                 f"(the {flavor} value)"
+            )
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(
+                f"model.{f.name}={value} is beyond float32's range (|x| <= {FLOAT32_MAX:.2g}), which torch "
+                f"computes in, e.g. model.{f.name}={default} (the {flavor} value)"
             )
     args.validate()
     return args

@@ -188,12 +188,32 @@ class DeepSeekV3Config:
                 raise ConfigError(f"model.rope_factor={self.rope_factor} must be >= 1 with yarn")
             if self.original_seq_len <= 0:
                 raise ConfigError(f"model.original_seq_len={self.original_seq_len} must be > 0 with yarn")
+            # YaRN takes log(original_seq_len / (2π·beta)) and divides by yarn_mscale(...)
+            for name in ("beta_fast", "beta_slow"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0 with yarn")
+            for name in ("mscale", "mscale_all_dim"):
+                if getattr(self, name) < 0:
+                    raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 with yarn, e.g. 1.0")
         if self.balance_loss_alpha < 0:
             raise ConfigError(f"model.balance_loss_alpha={self.balance_loss_alpha} must be >= 0")
+        # torch refuses a negative std when it initialises; a negative epsilon makes RMSNorm NaN
+        if self.init_std < 0:
+            raise ConfigError(
+                f"model.init_std={self.init_std} must be >= 0 (a standard deviation), e.g. 0.02"
+            )
+        if self.rms_norm_eps < 0:
+            raise ConfigError(f"model.rms_norm_eps={self.rms_norm_eps} must be >= 0, e.g. 1e-06")
+        if self.rope_theta <= 1:
+            raise ConfigError(f"model.rope_theta={self.rope_theta} must be > 1 (the RoPE base), e.g. 10000.0")
         if self.n_routed_experts == 0 or self.first_k_dense_replace >= self.n_layers + self.mtp_depth:
             return  # no MoE layer: the routing fields are unused
         if self.moe_inter_dim <= 0:
             raise ConfigError(f"model.moe_inter_dim={self.moe_inter_dim} must be > 0 with routed experts")
+        if self.route_scale <= 0:
+            raise ConfigError(
+                f"model.route_scale={self.route_scale} must be > 0 (it scales the routing weights), e.g. 1.0"
+            )
         if self.n_expert_groups <= 0:
             raise ConfigError(f"model.n_expert_groups={self.n_expert_groups} must be >= 1")
         if self.n_routed_experts % self.n_expert_groups:

@@ -68,6 +68,13 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        # torch refuses a negative std when it initialises; a negative epsilon makes LayerNorm NaN
+        if self.init_std < 0:
+            raise ConfigError(
+                f"model.init_std={self.init_std} must be >= 0 (a standard deviation), e.g. 0.02"
+            )
+        if self.layer_norm_eps < 0:
+            raise ConfigError(f"model.layer_norm_eps={self.layer_norm_eps} must be >= 0, e.g. 1e-05")
 
 
 # Sizes from the GPT-2 paper / OpenAI's released checkpoints (seed 004's table); counts with tied embeddings.
