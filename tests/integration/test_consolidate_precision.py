@@ -162,7 +162,7 @@ def test_te_run_consolidates_and_inspects_as_the_plain_model(
 ) -> None:
     """A bf16 DeepSeek-V3 run converted to (fake) TE: its checkpoint consolidates to exactly the plain
     model's keys, whose values are the live fp32 masters (the TE experts' per-expert masters stacked),
-    and the inspector reports the plain shapes."""
+    the inspector reports the plain shapes, and the run resumes from it with the same masters."""
     import deepsuite.fp8 as fp8
     from deepsuite.checkpoint.inspect import _training_tensors
     from deepsuite.fp8.experts import TEGroupedExperts
@@ -201,3 +201,8 @@ def test_te_run_consolidates_and_inspects_as_the_plain_model(
     key = "layers.1.ffn.experts.gate_up_proj"
     assert tensors[key][0] == tuple(model.state_dict()[key].shape)
     assert not any(".gate_up.weight" in k or k.endswith("_extra_state") for k in tensors)
+
+    resumed = Trainer(trainer.cfg)  # the engine loads the plain layout back into the TE modules
+    resumed.load()
+    assert resumed.step == STEPS
+    assert_equal(live_masters(resumed), masters)
