@@ -88,6 +88,10 @@ def check_writable(ckpt_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------ saving
 
 
+DS_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+"""The scripts DeepSpeed copies into each checkpoint folder (removed under expert parallelism)."""
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_dir: str | os.PathLike[str],
@@ -124,6 +128,11 @@ def save_checkpoint(
         }
         if cfg.parallel.zero_stage == 0 and (names := optimizer_param_names(engine)) is not None:
             state["optimizer_param_names"] = names
+        if cfg.parallel.ep_size > 1:
+            # DeepSpeed's recovery scripts do not know the expert shards and fail on this layout
+            # ("consumed N numels out of 2N"); `deepsuite consolidate` is the tool for it.
+            for script in DS_RECOVERY_SCRIPTS:
+                (tmp / script).unlink(missing_ok=True)
         _write_state(tmp, cfg, tokenizer_path, state)
         _publish(tmp, final)
         _point_latest(root, name)

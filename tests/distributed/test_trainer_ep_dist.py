@@ -20,6 +20,7 @@ def _check(res: dict) -> None:
     assert res["ep2_vs_ep1_logits_max_abs"] < 1e-4
     assert res["val_loss_vs_one_process_rel"] < 1e-5  # padding windows of the eval do not count
     assert res["expert_shards"] == ["expert_shard_ep000_of002.pt", "expert_shard_ep001_of002.pt"]
+    assert res["scripts"] == {"ep2": [], "ep1": ["zero_to_fp32.py", "zero_to_torch.py"]}
     ep2 = res["ep2"]
     assert ep2["10"] < ep2["1"]  # it trained
 

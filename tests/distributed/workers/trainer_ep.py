@@ -153,4 +153,8 @@ if rank == 0:
     result["val_loss_vs_one_process_rel"] = abs(val_10[-1] - ref_val) / ref_val
     expert_shards = sorted(p.name for p in (ep2 / "ckpt" / "step_10" / "deepspeed").glob("expert_shard_*"))
     result["expert_shards"] = expert_shards
+    # DeepSpeed's recovery scripts fail on expert shards: EP step folders do not carry them
+    result["scripts"] = {
+        run.name: sorted(p.name for p in (run / "ckpt" / "step_10").glob("*.py")) for run in (ep2, ep1)
+    }
 write(args, result)
