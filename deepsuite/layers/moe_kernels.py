@@ -105,7 +105,10 @@ def _loop(
         gate, up = F.linear(xe, w_gate_up).chunk(2, dim=-1)  # (n, I) each
         outputs.append(F.linear(F.silu(gate) * up, w_down))  # (n, D)
     if not outputs:
-        return x_sorted.new_zeros(0, down_proj.shape[1]) + 0 * x_sorted.sum()
+        # no rows (an expert-parallel rank that received no tokens): zero gradients for the weights,
+        # as `_CPUExpertsMLP` gives, so that ZeRO reduces the same gradients on every replica
+        weights = gate_up_proj.sum() + down_proj.sum()
+        return x_sorted.new_zeros(0, down_proj.shape[1]) + 0 * (x_sorted.sum() + weights)
     return torch.cat(outputs, dim=0)
 
 

@@ -369,6 +369,11 @@ class Trainer:
             real = float((labels != LM_IGNORE_INDEX).sum())
             with self._autocast():
                 out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
+            depths = sorted(k for k in out.metrics if k.startswith("mtp_loss_"))
+            if depths and mtp_total is None:
+                # before the padding skip: a rank with padding windows only (eval windows fewer than
+                # ranks) must still join the MTP all-reduce below, or the ranks' collectives diverge
+                mtp_total = torch.zeros(len(depths), dtype=torch.float64, device=self.device)
             if real == 0:  # a micro-batch of padding only (its loss is NaN): nothing to add
                 continue
             # The model's loss is the mean over the micro-batch's real tokens. The validation loss
@@ -377,10 +382,8 @@ class Trainer:
             main = out.metrics.get("main_loss", out.loss)
             total[0] += main.double() * real
             total[1] += real
-            depths = sorted(k for k in out.metrics if k.startswith("mtp_loss_"))
-            if depths:
-                mtp = torch.stack([out.metrics[k].double() for k in depths]) * real
-                mtp_total = mtp if mtp_total is None else mtp_total + mtp
+            if mtp_total is not None:
+                mtp_total += torch.stack([out.metrics[k].double() for k in depths]) * real
         self.engine.train()
         all_reduce_sum(total)
         self.last_val_mtp = {}

@@ -21,6 +21,9 @@ CASES = [f"{m}:z{z}" for m in MODELS for z in (0, 1, 2, 3)] + [
     "dsv3:z2:ep2",
 ]
 STEPS = 10
+# 4 ranks, EP 2: expert-data-parallel groups {0, 2}, {1, 3} of size 2 beside the data-parallel
+# group of 4, and ranks 2 and 3 hold only padding windows in the evaluation (2 windows, 4 ranks)
+EP4_CASES = ["dsv3:z1:ep2", "dsv3:z2:ep2"]
 
 
 def _run(tmp_path: Path, name: str, cases: list[str], nproc: int) -> dict:
@@ -50,3 +53,17 @@ def test_split_lm_head_under_zero3(tmp_path: Path) -> None:
     assert res["max_rel"] < 1e-5, res
     assert res["weights_max_abs"] < 1e-5, res
     assert res["losses"][-1] < res["losses"][0]
+
+
+def test_deepseek_v3_expert_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
+    ref = _run(tmp_path, "ref", ["dsv3:z0"], nproc=1)["dsv3:z0"]
+    got = _run(tmp_path, "w4", EP4_CASES, nproc=4)
+    for case in EP4_CASES:
+        losses = got[case]["losses"]
+        assert len(losses) == STEPS, case
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref["losses"]))
+        assert rel < 1e-5, (case, rel, losses, ref["losses"])
+        assert losses[-1] < losses[0], case
+        assert got[case]["biases_identical_on_ranks"], case
+        assert got[case]["moved_biases"], case
+        assert got[case]["biases"] == ref["biases"], case

@@ -279,6 +279,18 @@ def test_empty_input(implementation: str) -> None:
     assert x.grad is not None and x.grad.shape == (2, 0, D)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "cpu_split", "grouped_mm", "loop"])
+def test_no_rows_still_give_every_expert_weight_a_zero_gradient(implementation: str) -> None:
+    """An expert-parallel rank can receive no rows: its expert weights must still get (zero)
+    gradients, or ZeRO-1/2 reduce different parameters on the replicas and the ranks hang."""
+    experts = make_moe().experts
+    experts.implementation = implementation
+    x = torch.zeros(0, D, requires_grad=True)
+    experts(x, [0] * experts.n_experts).sum().backward()
+    for p in (experts.gate_up_proj, experts.down_proj):
+        assert p.grad is not None and p.grad.abs().sum() == 0
+
+
 def _experts_step(
     experts: GroupedExperts, x: torch.Tensor, counts: list[int], grad: torch.Tensor
 ) -> list[torch.Tensor]:
