@@ -38,7 +38,7 @@ from deepsuite.config.loader import config_to_dict, dump_config
 from deepsuite.config.schema import Config
 from deepsuite.data.sampler import WindowSampler, eval_starts, rank_slice, windows_batch
 from deepsuite.data.shards import TokenShards, read_meta
-from deepsuite.data.tokenizer import Tokenizer
+from deepsuite.data.tokenizer import Tokenizer, check_tokenizer
 from deepsuite.fp8 import prepare_fp8, te_blockers_for
 from deepsuite.generation.text import generate_text
 from deepsuite.heads import LM_IGNORE_INDEX
@@ -605,6 +605,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
 
 def _check_vocab(cfg: Config, meta: dict[str, Any], data_dir: Path) -> None:
     """The model's vocabulary must hold every id of the prepared data's tokenizer."""
+    check_tokenizer(data_dir, meta)  # the data's own tokenizer: present, intact, matching meta.json
     vocab = getattr(cfg.model.resolved_args, "vocab_size", None)
     if vocab is not None and vocab < meta["vocab_size"]:
         raise ConfigError(
@@ -636,10 +637,11 @@ def _dry_run_checks(cfg: Config, world_size: int, resume: str | None = None) -> 
     lines = []
     data_dir = Path(cfg.data.out_dir)
     sampler = None
-    if (data_dir / "meta.json").is_file():
+    if (data_dir / "meta.json").exists():  # a special file there is refused by read_meta, not skipped
         meta = read_meta(data_dir)
         _check_vocab(cfg, meta, data_dir)
         sampler = WindowSampler(TokenShards(data_dir, "train"), cfg.training.seq_len, seed=cfg.data.seed)
+        TokenShards(data_dir, "val")  # train opens both splits: refuse what it would refuse
         lines.append(
             f"data: {data_dir} ({meta['splits']['train']['tokens']:,} train tokens, vocab {meta['vocab_size']})"
         )
