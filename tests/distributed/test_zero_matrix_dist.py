@@ -18,6 +18,7 @@ CASES = [f"{m}:z{z}" for m in MODELS for z in (0, 1, 2, 3)] + [
     "dsv3:z3:ckpt",
     "gpt_untied:z3:ckpt:naive",
     "dsv3:z3:naive",
+    "dsv3:z1:ep2",
     "dsv3:z2:ep2",
 ]
 STEPS = 10

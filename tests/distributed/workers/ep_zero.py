@@ -187,3 +187,8 @@ for stage in stages:
     del engine
     result[f"seconds_stage{stage}"] = time.time() - t0
 write(args, result)
+
+# leave through the library teardown (DeepSpeed expert groups otherwise outlive the process group)
+from deepsuite.parallel.dist import destroy_distributed  # noqa: E402
+
+destroy_distributed()

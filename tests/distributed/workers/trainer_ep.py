@@ -158,3 +158,8 @@ if rank == 0:
         run.name: sorted(p.name for p in (run / "ckpt" / "step_10").glob("*.py")) for run in (ep2, ep1)
     }
 write(args, result)
+
+# leave through the library teardown (DeepSpeed expert groups otherwise outlive the process group)
+from deepsuite.parallel.dist import destroy_distributed  # noqa: E402
+
+destroy_distributed()
