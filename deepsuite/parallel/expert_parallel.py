@@ -34,9 +34,11 @@ from deepsuite.parallel.groups import (
     ExpertLayout,
     ParallelGroups,
     expert_group_name,
+    init_parallel_groups,
     is_expert_param,
     make_deepspeed_registration,
     mark_expert_params,
+    validate_parallel_layout,
 )
 
 
@@ -295,8 +297,6 @@ def parallelize_experts(model: nn.Module, world_size: int, zero_stage: int, ep_s
     cfg.parallel.ep_size)`` after the weights are initialised and before the optimizer is built.
     Collective when ``ep_size > 1`` (every rank must call it).
     """
-    from deepsuite.parallel.groups import init_parallel_groups, validate_parallel_layout
-
     layers = expert_parallel_modules(model)
     n_experts = int(layers[0][1].n_routed_experts) if layers else 0  # type: ignore[arg-type]
     validate_parallel_layout(world_size, zero_stage, ep_size, n_experts)

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deepsuite.config.schema import Config
 from deepsuite.parallel.dist import ParallelDims
+from deepsuite.parallel.expert_parallel import parallelize_experts
 
 
 def _checkpointed_forward(block: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
@@ -58,8 +59,6 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.M
     Expert parallelism (`parallel.ep_size > 1`, ZeRO-1/2 only): each rank keeps E/ep_size routed experts
     and exchanges tokens by all-to-all (`deepsuite.parallel.expert_parallel`).
     """
-    from deepsuite.parallel.expert_parallel import parallelize_experts
-
     model = parallelize_experts(model, dims.world_size, cfg.parallel.zero_stage, cfg.parallel.ep_size)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)

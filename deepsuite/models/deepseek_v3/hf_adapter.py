@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from deepsuite.config.errors import ConfigError
+from deepsuite.layers.attention.rope import yarn_get_mscale
 from deepsuite.models.deepseek_v3.config import DeepSeekV3Config
 
 # deepsuite name inside a block -> HF name inside `model.layers.{i}`
@@ -109,8 +110,6 @@ def config_to_hf(args: DeepSeekV3Config) -> dict[str, Any]:
 
 def _yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
     """The cos/sin factor deepsuite's YaRN RoPE applies (`RotaryPositionEmbedding.attention_factor`)."""
-    from deepsuite.layers.attention.rope import yarn_get_mscale
-
     if mscale and mscale_all_dim:
         return yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
     return yarn_get_mscale(factor)

@@ -20,13 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsuite.generation.generate import generate
 from deepsuite.generation.latent_cache import LatentKVCache
+from deepsuite.generation.speculative import speculative_generate
 from deepsuite.heads.lm_head import LMHead
 from deepsuite.layers.attention.mla import MultiHeadLatentAttention
 from deepsuite.layers.attention.rope import RotaryPositionEmbedding
 from deepsuite.layers.mlp import SwiGLU
 from deepsuite.layers.moe import DeepSeekMoE
 from deepsuite.layers.norm import RMSNorm
+from deepsuite.loss import combine_mtp_losses
 from deepsuite.models.deepseek_v3.config import DeepSeekV3Config
 from deepsuite.models.deepseek_v3.mtp import MTPModule
 from deepsuite.models.outputs import LMOutput
@@ -243,8 +246,6 @@ class DeepSeekV3(nn.Module):
         )
 
     def _loss(self, input_ids: torch.Tensor, h: torch.Tensor, labels: torch.Tensor) -> LMOutput:
-        from deepsuite.loss import combine_mtp_losses
-
         main_loss = self._ce(h, labels)
         # MTP depth k at position i: h^{k-1}_i and Emb(t_{i+k}) predict t_{i+k+1} = labels[:, i+k].
         # Positions i < T - k have both inside the window (DeepSeek's definition, eq. 21-25).
@@ -292,13 +293,9 @@ class DeepSeekV3(nn.Module):
         if speculative:
             if temperature != 0:
                 raise ValueError("speculative=True decodes greedily; pass temperature=0")
-            from deepsuite.generation.speculative import speculative_generate
-
             out, stats = speculative_generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id)
             self.last_generation_stats = stats
             return out
-        from deepsuite.generation.generate import generate
-
         return generate(
             self,
             input_ids,

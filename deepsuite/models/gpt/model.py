@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from deepsuite.generation.generate import generate
 from deepsuite.generation.kv_cache import KVCache
 from deepsuite.heads.lm_head import LMHead
 from deepsuite.layers.attention.mha import MultiHeadAttention
@@ -173,8 +174,6 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample a continuation with a KV cache; see `deepsuite.generation.generate.generate`."""
-        from deepsuite.generation.generate import generate
-
         return generate(
             self,
             input_ids,
