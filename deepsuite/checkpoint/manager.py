@@ -350,7 +350,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, path: Path, world_size: int) -> None:
-    """Refuse a checkpoint of another model config (naming the field) or an unsupported world change."""
+    """Refuse a checkpoint of another model config (naming the field)."""
     current = model_signature(cfg)
     saved = state["model"]
     if saved["name"] != current["name"]:
@@ -366,13 +366,8 @@ def check_compatible(state: dict[str, Any], cfg: Config, path: Path, world_size:
                 "resume with the same model config, or start fresh with checkpoint.resume=never "
                 "(or another checkpoint.dir)"
             )
-    if state["zero_stage"] > 0 and state["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
-            f"resuming on {world_size} ranks is not supported (its optimizer shards are per rank). "
-            "Resume with the same number of ranks, or start a new run from its weights with "
-            "checkpoint.init_from=<its run folder> in a new checkpoint.dir (fresh optimizer state)."
-        )
+    # another world size or ZeRO stage is converted on load (`deepsuite.checkpoint.reshard`), which
+    # refuses expert-parallel layouts itself
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -25,13 +25,16 @@ from tqdm.auto import tqdm
 
 from deepsuite.checkpoint.init_from import load_initial_weights, missing_source_error
 from deepsuite.checkpoint.manager import (
+    CheckpointError,
     check_compatible,
     check_writable,
     load_checkpoint,
+    read_state,
     resolve_resume,
     save_checkpoint,
     verify_checkpoint,
 )
+from deepsuite.checkpoint.reshard import expert_parallel_refusal, layout_changed, load_resharded
 from deepsuite.checkpoint.rng import seed_everything
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import config_to_dict, dump_config
@@ -253,7 +256,11 @@ class Trainer:
         """Resume from `self.resume_from` (if any)."""
         if self.resume_from is None:
             return
-        state = load_checkpoint(self.engine, self.resume_from, self.dims.rank)
+        rank, world = self.dims.rank, self.dims.world_size
+        if layout_changed(read_state(self.resume_from), self.cfg, world):  # another world size or ZeRO stage
+            state = load_resharded(self.engine, self.resume_from, self.cfg, rank, world)
+        else:
+            state = load_checkpoint(self.engine, self.resume_from, rank)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self._apply_configured_lr()
@@ -625,6 +632,9 @@ def _checked_resume(
         return None, {}
     state = verify_checkpoint(path)
     check_compatible(state, cfg, path, world_size)
+    refusal = expert_parallel_refusal(path, state, cfg, world_size)
+    if refusal is not None:
+        raise CheckpointError(refusal)
     if sampler is not None:
         sampler.check_state(state.get("sampler", {}))
     return path, state

@@ -1,0 +1,334 @@
+"""Resuming a checkpoint on another layout (world size and ZeRO stage; no expert parallelism).
+
+A checkpoint's optimizer state is laid out for the ranks and ZeRO stage that wrote it. To resume it
+elsewhere it is converted once, on rank 0, into a layout-free form kept beside it::
+
+    step_N/universal/
+      fp32.safetensors        # every parameter's fp32 master (and the module's buffers), by name
+      exp_avg.safetensors     # Adam's first moment of every parameter, by name
+      exp_avg_sq.safetensors  # Adam's second moment
+      meta.json               # the optimizer step, the source layout
+
+written through `atomic_dir` (a kill leaves no half-written folder; a later resume converts again or
+reuses the finished one). The sources: ZeRO-0 from the engine's plain torch optimizer state, named
+by state.json's ``optimizer_param_names``; ZeRO-1/2/3 by applying DeepSpeed's own ``zero_to_fp32``
+merge to the flat partitions of the masters and of each Adam moment. The fp32 masters come from
+`consolidated_state_dict`.
+
+The new engine is then filled in place: under ZeRO-1/2/3 through DeepSpeed's fragment API
+(``safe_set_full_fp32_param``, ``safe_set_full_optimizer_state``; the optimizer states are created
+first, since torch's AdamW makes them only at its first step), under ZeRO-0 by setting the torch
+optimizer's state directly; the model weights are the masters. The LR scheduler and DeepSpeed's step
+counters come from the source's model states file (the same on every rank), the data position from
+state.json (the sampler's position is global: any world that splits the same global batch reads
+the same samples). RNGs: a rank that existed in the source restores its own; a new rank is seeded
+from ``training.seed``, its rank and the step (deterministic, but not the stream an uninterrupted
+run on that layout would have drawn: only dropout-like randomness could differ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepsuite.checkpoint.atomic import atomic_dir
+from deepsuite.checkpoint.consolidate import (
+    consolidated_state_dict,
+    expert_parallel_size,
+    stacked_parameters,
+)
+from deepsuite.checkpoint.manager import DS_TAG, CheckpointError, load_config_of, read_state
+from deepsuite.checkpoint.rng import restore_rng_state, seed_everything
+from deepsuite.config.schema import Config
+from deepsuite.parallel.deepspeed import import_deepspeed, safe_torch_load
+from deepsuite.parallel.dist import barrier
+
+UNIVERSAL_DIR = "universal"
+UNIVERSAL_FORMAT = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_FILES = ("fp32", *MOMENTS)
+
+
+def layout_changed(state: dict[str, Any], cfg: Config, world_size: int) -> bool:
+    """Whether resuming ``state`` on this config and world needs a conversion: another ZeRO stage or
+    another world size (ZeRO-1/2/3 optimizer files are per rank; under ZeRO-0 the new ranks have no
+    RNG state of their own)."""
+    return int(state["zero_stage"]) != cfg.parallel.zero_stage or int(state["world_size"]) != world_size
+
+
+def expert_parallel_refusal(path: Path, state: dict[str, Any], cfg: Config, world_size: int) -> str | None:
+    """The one-line refusal for a layout change that involves expert parallelism (None: none)."""
+    if not layout_changed(state, cfg, world_size):
+        return None
+    saved_ep = _saved_ep_size(path)
+    if saved_ep == 1 and cfg.parallel.ep_size == 1:
+        return None
+    return (
+        f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']} and "
+        f"ep_size={saved_ep}; resuming it on {world_size} ranks with ZeRO-{cfg.parallel.zero_stage} and "
+        f"ep_size={cfg.parallel.ep_size}: resharding expert-parallel checkpoints is not supported yet. "
+        "Keep its weights with checkpoint.init_from=<its run folder> in a new checkpoint.dir "
+        "(the optimizer state restarts)."
+    )
+
+
+def _saved_ep_size(path: Path) -> int:
+    ep = expert_parallel_size(path / DS_TAG) if (path / DS_TAG).is_dir() else 1
+    if ep == 1 and (path / "config.yaml").is_file():
+        ep = load_config_of(path).parallel.ep_size
+    return ep
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def ensure_universal(path: Path) -> Path:
+    """``path/universal`` (rank 0 converts it once; every rank calls this and waits for it)."""
+    target = path / UNIVERSAL_DIR
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        barrier()
+    else:
+        try:
+            if not (target / "meta.json").is_file():
+                for stale in path.glob(f".{UNIVERSAL_DIR}.*"):  # a killed conversion's temporary folder
+                    shutil.rmtree(stale, ignore_errors=True)
+                write_universal(path, target)
+        finally:
+            if torch.distributed.is_initialized():
+                barrier()
+    if not (target / "meta.json").is_file():
+        raise CheckpointError(f"the conversion of {path} for another layout failed on rank 0 (see its log)")
+    return target
+
+
+def write_universal(path: Path, target: Path) -> None:
+    """Convert checkpoint ``path`` into ``target`` (atomically)."""
+    state = read_state(path)
+    masters, moments, step = extract(path, state)
+    with atomic_dir(target, overwrite=True) as tmp:
+        for name, tensors in (("fp32", masters), *moments.items()):
+            save_file(
+                {k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
+                tmp / f"{name}.safetensors",
+            )
+        meta = {
+            "format": UNIVERSAL_FORMAT,
+            "step": step,
+            "source_world_size": state["world_size"],
+            "source_zero_stage": state["zero_stage"],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def extract(
+    path: Path, state: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
+    """(fp32 masters and buffers by name, {moment: {name: tensor}}, optimizer step) of a checkpoint."""
+    tag_dir = path / DS_TAG
+    model_states = safe_torch_load(_model_states_file(tag_dir), map_location="cpu")
+    plan = stacked_parameters(model_states["module"])
+    masters = _unstack(consolidated_state_dict(path, state), plan)
+    stage = int(state["zero_stage"])
+    if stage == 0:
+        moments, step = _zero0_moments(path, model_states, state.get("optimizer_param_names"))
+    else:
+        moments, step = _zero_moments(tag_dir, stage)
+    for moment, tensors in moments.items():
+        missing = [n for n in tensors if n not in masters]
+        if missing:
+            raise CheckpointError(f"{path}: {moment} of unknown parameters {missing[:3]}")
+    return masters, moments, step
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) or sorted(tag_dir.glob("*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no DeepSpeed *_model_states.pt file in {tag_dir}")
+    return files[0]
+
+
+def _unstack(tensors: dict[str, torch.Tensor], plan: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    for key, names in plan.items():
+        if key in tensors:
+            for name, t in zip(names, tensors.pop(key).unbind(0)):
+                tensors[name] = t
+    return tensors
+
+
+def _step_of(value: Any) -> int:
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def _zero0_moments(
+    path: Path, model_states: dict[str, Any], names: list[list[str]] | None
+) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """ZeRO-0: the torch optimizer's state dict (inside DeepSpeed's wrapper under bf16), its
+    parameters named by the ``optimizer_param_names`` recorded at save time."""
+    optimizer = model_states.get("optimizer")
+    if isinstance(optimizer, dict) and "optimizer_state_dict" in optimizer:
+        optimizer = optimizer["optimizer_state_dict"]
+    if not isinstance(optimizer, dict) or "state" not in optimizer:
+        raise CheckpointError(f"{path}: its model states file holds no optimizer state")
+    if names is None:
+        raise CheckpointError(
+            f"{path}: a ZeRO-0 checkpoint without `optimizer_param_names` in its state.json"
+        )
+    groups = optimizer["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g) for g in names]:
+        raise CheckpointError(f"{path}: the recorded parameter names do not fit the optimizer's groups")
+    moments: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
+    steps: set[int] = set()
+    for group_names, group in zip(names, groups):
+        for name, index in zip(group_names, group["params"]):
+            entry = optimizer["state"].get(index)
+            if not entry:
+                raise CheckpointError(
+                    f"{path}: no optimizer state for {name!r} (saved before the first step?)"
+                )
+            for m in MOMENTS:
+                moments[m][name] = entry[m]
+            steps.add(_step_of(entry["step"]))
+    if len(steps) != 1:
+        raise CheckpointError(f"{path}: the optimizer's parameters are at different steps {sorted(steps)}")
+    return moments, steps.pop()
+
+
+def _zero_moments(tag_dir: Path, stage: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """ZeRO-1/2/3: each moment's flat partitions, merged by DeepSpeed's ``zero_to_fp32`` (the same
+    layout as the fp32 master partitions, which that merge was written for)."""
+    import_deepspeed()
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS
+    from deepspeed.utils import zero_to_fp32 as z
+
+    optim_files = sorted(z.get_checkpoint_files(str(tag_dir), "*_optim_states.pt"), key=z.natural_keys)
+    optim = [safe_torch_load(f, map_location="cpu")[OPTIMIZER_STATE_DICT] for f in optim_files]
+    world = len(optim)
+    # every file was proven weights-only loadable by `verify_checkpoint` before this runs
+    model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+    base_key = "base_optimizer_state" if stage <= 2 else OPTIMIZER_STATE_DICT
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    steps: set[int] = set()
+    for m in MOMENTS:
+        flats = []
+        for o in optim:
+            base = o[base_key]
+            per_group = base if isinstance(base, list) else [base["state"][i] for i in sorted(base["state"])]
+            flats.append([g[m] for g in per_group])
+            steps.update(_step_of(g["step"]) for g in per_group)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if stage <= 2:
+                merged = z._get_fp32_state_dict_from_zero2_checkpoint(
+                    world, flats, model_states, False, optim[0].get(PARAM_ALIGNMENT_PADDINGS)
+                )
+            else:
+                # per rank: the list of its sub-groups' flat partitions, as ZeRO-3 saves its masters
+                merged = z.to_torch_tensor(
+                    z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
+                )
+        buffers = set(model_states[0].buffers)
+        moments[m] = {k: v for k, v in merged.items() if k not in buffers}
+    if len(steps) != 1:
+        raise CheckpointError(f"{tag_dir}: the optimizer's groups are at different steps {sorted(steps)}")
+    return moments, steps.pop()
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def load_resharded(engine: Any, path: Path, cfg: Config, rank: int, world_size: int) -> dict[str, Any]:
+    """Restore ``engine`` from checkpoint ``path`` written on another layout (collective); return the
+    checkpoint's state. Call `verify_checkpoint` and `check_compatible` first."""
+    state = read_state(path)
+    folder = ensure_universal(path)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    tensors = {name: load_file(folder / f"{name}.safetensors") for name in _FILES}
+    _fill_engine(engine, tensors["fp32"], {m: tensors[m] for m in MOMENTS}, int(meta["step"]), path)
+    model_states = safe_torch_load(_model_states_file(path / DS_TAG), map_location="cpu")
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is not None and model_states.get("lr_scheduler") is not None:
+        sched.load_state_dict(model_states["lr_scheduler"])
+    for key in ("global_steps", "global_samples", "skipped_steps"):
+        if key in model_states and hasattr(engine, key):
+            setattr(engine, key, model_states[key])
+    rng_file = path / "rng" / f"rank_{rank:05d}.json"
+    if rng_file.is_file():
+        restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    else:  # a rank the source did not have
+        seed_everything(cfg.training.seed + 1_000_003 * rank + 7_919 * int(state["step"]))
+    return state
+
+
+def _fill_engine(
+    engine: Any,
+    masters: dict[str, torch.Tensor],
+    moments: dict[str, dict[str, torch.Tensor]],
+    step: int,
+    path: Path,
+) -> None:
+    import_deepspeed()
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    module = engine.module
+    named = dict(module.named_parameters())
+    trained = {n: p for n, p in named.items() if p.requires_grad}
+    missing = [n for n in trained if n not in masters or any(n not in moments[m] for m in MOMENTS)]
+    if missing:
+        raise CheckpointError(f"{path}: no optimizer state for parameters {missing[:3]} of this model")
+    stage = engine.zero_optimization_stage()
+    opt = engine.optimizer
+
+    def fresh(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        # torch AdamW's own state layout (a float32 scalar step)
+        return {
+            "step": torch.tensor(float(step), dtype=torch.float32),
+            **{m: torch.zeros_like(flat) for m in MOMENTS},
+        }
+
+    with torch.no_grad():
+        if stage == 0:
+            if hasattr(opt, "fp32_groups") or hasattr(opt, "bf16_groups"):
+                raise CheckpointError(
+                    f"resuming {path} on ZeRO-0 with training.dtype other than fp32 is not supported yet"
+                )
+            for n, p in trained.items():
+                p.copy_(masters[n].to(p.dtype).view_as(p))
+                opt.state[p] = {
+                    "step": torch.tensor(float(step), dtype=torch.float32),
+                    **{m: moments[m][n].to(p.device, torch.float32).view_as(p).clone() for m in MOMENTS},
+                }
+        elif stage in (1, 2):
+            base = opt.optimizer
+            for i, flat in enumerate(opt.single_partition_of_fp32_groups):
+                base.state[flat] = fresh(flat)
+                for lp in opt.bit16_groups[i]:
+                    if getattr(lp, "_hp_mapping", None) is not None:
+                        lp._hp_mapping.set_optim_state_fragment(flat, base.state[flat])
+            for n, p in trained.items():
+                safe_set_full_fp32_param(p, masters[n].to(p.device))
+                for m in MOMENTS:
+                    safe_set_full_optimizer_state(p, moments[m][n].to(p.device), m)
+                p.copy_(masters[n].to(p.dtype).view_as(p))
+        elif stage == 3:
+            base = opt.optimizer
+            for flat in opt.fp32_partitioned_groups_flat:
+                base.state[flat] = fresh(flat)
+            for n, p in trained.items():
+                safe_set_full_fp32_param(p, masters[n].to(p.dtype))
+                for m in MOMENTS:
+                    safe_set_full_optimizer_state(p, moments[m][n].float(), m)
+            with deepspeed.zero.GatheredParameters(list(trained.values()), modifier_rank=0):
+                for n, p in trained.items():
+                    p.data.copy_(masters[n].to(p.dtype).view_as(p))
+        else:
+            raise CheckpointError(f"unknown ZeRO stage {stage}")
+        for n, b in module.named_buffers():
+            if n in masters:
+                b.copy_(masters[n].to(b.dtype).view_as(b))
