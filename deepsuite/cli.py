@@ -45,13 +45,23 @@ _DESCRIPTIONS = {
     "convert": "Checkpoint conversions; every output folder is written atomically.",
     "consolidate": "Consolidate a training checkpoint of any ZeRO stage (expert-parallel shards included) "
     "into full fp32 weights in one safetensors folder: an HF folder (config.json) or a deepsuite folder "
-    "(model.yaml). Every file is checked with the weights-only unpickler first; the output is written "
-    "atomically.",
+    "(model.yaml). Every file is checked against its checksum and with the weights-only unpickler first; "
+    "the output is written atomically.",
     "inspect": "Describe a training checkpoint (run folder or step_N), a deepsuite model folder or an HF "
     "folder: model family, flavor and config, step and tokens seen, parameters per dtype, files and "
-    "shard layout (ZeRO stage, world size, EP size, files per rank); check that every file is present "
-    "and readable. Exits 2 with one line when the checkpoint is missing or corrupt.",
+    "shard layout (ZeRO stage, world size, EP size, files per rank); check that every file is present, "
+    "matches its checksum and is readable. Exits 2 with one line naming the file when the checkpoint is "
+    "missing or corrupt.",
 }
+
+
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check the files against the checksums in their manifest.json before reading them",
+    )
 
 
 def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +87,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
             default="float32",
             help="dtype of the written weights (default float32; bfloat16 halves the size)",
         )
+        _add_no_verify(c)
 
 
 def _add_consolidate_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +108,7 @@ def _add_consolidate_arguments(p: argparse.ArgumentParser) -> None:
         "key names (default hf)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    _add_no_verify(p)
 
 
 def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +116,7 @@ def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
         "path", metavar="PATH", help="run folder, step_N folder, deepsuite model folder or HF folder"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    _add_no_verify(p)
 
 
 # subcommands that are also stand-alone scripts in tools/: name -> (help, argument setup)
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DeepSeek-V3 with MTP: greedy decoding drafted by the MTP module and verified by the main model "
         "(same tokens as --temperature 0); prints the acceptance rate on stderr",
     )
+    _add_no_verify(p)
 
     for name, (text, add_arguments) in _TOOLS.items():
         add_arguments(sub.add_parser(name, help=text, description=_DESCRIPTIONS[name]))
@@ -276,9 +290,9 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         )
 
 
-def _model_and_tokenizer(source: str) -> tuple[typing.Any, typing.Any]:
+def _model_and_tokenizer(source: str, verify: bool = True) -> tuple[typing.Any, typing.Any]:
     """The model in `source` (an HF or deepsuite model folder, a run folder or a step_N folder) and
-    the tokenizer stored with it."""
+    the tokenizer stored with it; checked against its checksums first (``verify``)."""
     from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
     from deepsuite.checkpoint.hf import load_hf
     from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
@@ -288,11 +302,14 @@ def _model_and_tokenizer(source: str) -> tuple[typing.Any, typing.Any]:
     path = Path(source)
     model: typing.Any
     if (path / "config.json").is_file() or (path / "model.yaml").is_file():
-        model = load_hf(path) if (path / "config.json").is_file() else load_model(path)
+        if (path / "config.json").is_file():
+            model = load_hf(path, verify=verify)
+        else:
+            model = load_model(path, verify=verify)
         tok_file = folder_tokenizer(path)
     else:
         path = find_checkpoint(path)
-        model, state, _ = load_model_from_checkpoint(path)
+        model, state, _ = load_model_from_checkpoint(path, verify=verify)
         recorded = state.get("tokenizer")  # the data folder's file, where the checkpoint kept no copy
         tok_file = checkpoint_tokenizer(path) or (Path(recorded) if recorded else None)
     if tok_file is None:
@@ -308,7 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deepsuite.generation.text import encode_prompt, generate_text
 
     _check_sampling_flags(args)
-    model, tok = _model_and_tokenizer(args.checkpoint)
+    model, tok = _model_and_tokenizer(args.checkpoint, verify=args.verify)
     ids, fits = encode_prompt(model, tok, args.prompt, args.max_new_tokens, speculative=args.speculative)
     if fits < args.max_new_tokens:  # then prompt + fits tokens fill the model's max_seq_len
         print(
@@ -364,7 +381,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "zero-to-hf": convert.zero_to_hf,
     }[args.conversion]
     with _destination(args.dst, args.overwrite):
-        out = fn(args.src, args.dst, overwrite=args.overwrite, dtype=convert.DTYPES[args.dtype])
+        out = fn(
+            args.src, args.dst, overwrite=args.overwrite, dtype=convert.DTYPES[args.dtype], verify=args.verify
+        )
     print(f"wrote {out}")
     return 0
 
@@ -400,7 +419,9 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
     path = _checkpoint_to_consolidate(args.src, args.step)
     with _destination(args.dst, args.overwrite):
-        out, state = consolidate_checkpoint(path, args.dst, format=args.format, overwrite=args.overwrite)
+        out, state = consolidate_checkpoint(
+            path, args.dst, format=args.format, overwrite=args.overwrite, verify=args.verify
+        )
     print(f"wrote {out} ({args.format}, fp32) from {path} (step {state['step']}, ZeRO-{state['zero_stage']})")
     return 0
 
@@ -411,7 +432,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from deepsuite.checkpoint.inspect import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.path)
+    report = inspect_checkpoint(args.path, verify=args.verify)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

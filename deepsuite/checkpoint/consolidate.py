@@ -288,14 +288,15 @@ def _consolidate_ep_zero12(tag_dir: Path, ep: int, model_states: dict[str, Any])
 
 
 def load_model_from_checkpoint(
-    path: str | os.PathLike[str], device: str = "cpu"
+    path: str | os.PathLike[str], device: str = "cpu", *, verify: bool = True
 ) -> tuple[nn.Module, dict[str, Any], Config]:
     """(model with the checkpoint's weights in fp32, state, run config) — for generation and conversion.
 
-    ``path`` is a run folder or a step_N folder; its files are verified before anything is unpickled.
+    ``path`` is a run folder or a step_N folder; its files are verified before anything is unpickled
+    (`verify_checkpoint`; ``verify=False`` skips the checksums, not the weights-only check).
     """
     p = find_checkpoint(path)
-    state = verify_checkpoint(p)
+    state = verify_checkpoint(p, checksums=verify)
     cfg = load_config_of(p)
     model = build_model(cfg.model, device=device)
     load_state_dict_strict(model, consolidated_state_dict(p, state), source=str(p))

@@ -58,10 +58,12 @@ def hf_to_deepsuite(
     dst: str | os.PathLike[str],
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Path:
     """An HF folder (config.json + safetensors) → a deepsuite folder (model.yaml + safetensors, and
-    the folder's tokenizer when deepsuite can use it); weights stored in ``dtype`` (None: float32)."""
-    model = _cast(load_hf(src), dtype)
+    the folder's tokenizer when deepsuite can use it); weights stored in ``dtype`` (None: float32).
+    ``verify``: check SRC against its manifest.json first (when it has one)."""
+    model = _cast(load_hf(src, verify=verify), dtype)
     return save_model(model, dst, overwrite=overwrite, tokenizer=_hf_folder_tokenizer(Path(src)))
 
 
@@ -70,12 +72,14 @@ def deepsuite_to_hf(
     dst: str | os.PathLike[str],
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Path:
     """A deepsuite folder (model.yaml) or a training checkpoint → an HF folder, with the source's
-    tokenizer when it has one; weights stored in ``dtype`` (None: float32)."""
+    tokenizer when it has one; weights stored in ``dtype`` (None: float32). ``verify``: check SRC
+    against its manifest.json first."""
     if not (Path(src) / MODEL_YAML).is_file():
-        return zero_to_hf(src, dst, overwrite=overwrite, dtype=dtype)
-    model = _cast(load_model(src), dtype)
+        return zero_to_hf(src, dst, overwrite=overwrite, dtype=dtype, verify=verify)
+    model = _cast(load_model(src, verify=verify), dtype)
     return save_hf(model, dst, overwrite=overwrite, tokenizer=folder_tokenizer(src))
 
 
@@ -86,12 +90,14 @@ def consolidate_checkpoint(
     format: Literal["hf", "deepsuite"] = "hf",
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """A training checkpoint (run folder or step_N; any ZeRO stage and EP layout) → an HF or a
     deepsuite folder of its consolidated fp32 weights, stored in ``dtype`` (None: float32), with the
-    run's tokenizer. Returns the folder and the checkpoint's state."""
+    run's tokenizer. Returns the folder and the checkpoint's state. ``verify=False`` skips the
+    checksums (never the weights-only check)."""
     path = find_checkpoint(src)
-    model, state, _ = load_model_from_checkpoint(path)  # verified, then consolidated
+    model, state, _ = load_model_from_checkpoint(path, verify=verify)  # verified, then consolidated
     save = save_hf if format == "hf" else save_model
     out = save(_cast(model, dtype), dst, overwrite=overwrite, tokenizer=checkpoint_tokenizer(path))
     return out, state
@@ -102,6 +108,7 @@ def zero_to_hf(
     dst: str | os.PathLike[str],
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Path:
     """A training checkpoint → an HF folder: `consolidate_checkpoint` (`deepsuite convert zero-to-hf`)."""
-    return consolidate_checkpoint(src, dst, overwrite=overwrite, dtype=dtype)[0]
+    return consolidate_checkpoint(src, dst, overwrite=overwrite, dtype=dtype, verify=verify)[0]

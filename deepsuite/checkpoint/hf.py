@@ -31,16 +31,20 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 
 def load_hf(
-    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Load an HF model folder (config.json + safetensors) as a deepsuite model.
 
     ``dtype=None`` keeps deepsuite's float32 parameters; pass e.g. ``torch.bfloat16`` to cast.
     The model is returned in eval mode (dropout off), as transformers' ``from_pretrained`` does; call
     ``model.train()`` to train it. Missing or unexpected weights, a config.json that lacks a key the
-    family needs and corrupt files raise `CheckpointFormatError` naming them.
+    family needs and corrupt files (with ``verify``: also files that do not match the folder's
+    manifest.json) raise `CheckpointFormatError` naming them.
     """
-    config, tensors = read_hf_folder(path)
+    config, tensors = read_hf_folder(path, verify=verify)
     config_file = Path(path) / CONFIG_FILE
     if "model_type" not in config:
         raise CheckpointFormatError(f"{config_file} has no model_type")

@@ -4,10 +4,13 @@ native folder (model.yaml + model.safetensors with deepsuite key names).
 Writes are atomic: everything goes into a temporary folder next to the target, which is renamed into
 place only when complete (files and folders fsynced, their modes set from the umask as ``open`` and
 ``mkdir`` would), so a crash never leaves a half-written folder. A tokenizer passed to the writers
-(the run's, when exporting a training checkpoint) goes into the same folder. Only safetensors are
-read; pickled ``pytorch_model.bin`` files are refused
-(unpickling runs arbitrary code). Whatever is wrong with a folder being read (truncated or corrupt
-files, bad JSON/YAML, dangling aliases) raises `CheckpointFormatError` naming the file.
+(the run's, when exporting a training checkpoint) goes into the same folder, and last a
+``manifest.json`` with the size and digest of every file (`deepsuite.checkpoint.checksums`).
+Readers check a folder against its manifest before they read it (``verify=False`` skips that; a
+folder without one, e.g. from the Hugging Face hub, is read unverified). Only safetensors are read;
+pickled ``pytorch_model.bin`` files are refused (unpickling runs arbitrary code). Whatever is wrong
+with a folder being read (a file that does not match its checksum, truncated or corrupt files, bad
+JSON/YAML, dangling aliases) raises `CheckpointFormatError` naming the file.
 
 safetensors refuses tensors that share storage, so aliases (tied weights) are written once and the
 alias map is stored in the file metadata (``deepsuite.aliases``); readers restore the aliases.
@@ -28,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deepsuite.checkpoint.atomic import atomic_dir
+from deepsuite.checkpoint.checksums import check_folder, hash_folder, warn_unverified, write_manifest
 from deepsuite.config.loader import build_dataclass
 from deepsuite.data.tokenizer import export_hf_tokenizer, store_tokenizer
 from deepsuite.models.registry import get_model_spec, model_family, unwrap_model
@@ -149,6 +153,7 @@ def write_hf_folder(
             config = {**config, **export_hf_tokenizer(tokenizer, tmp)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tmp, tensors, max_shard_bytes)
+        write_manifest(tmp, hash_folder(tmp))  # just written: hashed from the page cache
     return Path(path)
 
 
@@ -158,6 +163,23 @@ def folder_tokenizer(folder: str | os.PathLike[str]) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------- reading
+
+
+def verify_folder(folder: Path, verify: bool = True) -> None:
+    """Check a model folder against its manifest.json (see `deepsuite.checkpoint.checksums`); a
+    damaged file raises `CheckpointFormatError` naming it. A deepsuite folder (model.yaml) without a
+    manifest was written by an older deepsuite: one warning line; an HF folder without one is
+    usually not deepsuite's: read as it is."""
+    if not verify:
+        return
+    verdict = check_folder(folder)
+    if verdict.file is not None:
+        raise CheckpointFormatError(
+            f"{folder / verdict.file} is corrupt: it {verdict.problem}; export or copy the folder again (if the "
+            "change was on purpose, delete its manifest.json, or pass --no-verify / checkpoint.verify=false)"
+        )
+    if not verdict.verified and (folder / MODEL_YAML).is_file():
+        warn_unverified(folder)
 
 
 def _refuse_pickles(folder: Path) -> None:
@@ -269,12 +291,16 @@ def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_hf_folder(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config.json as a dict, tensors)`` of an HF model folder; a missing or corrupt config.json
-    or safetensors file raises `CheckpointFormatError`."""
+def read_hf_folder(
+    path: str | os.PathLike[str], verify: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config.json as a dict, tensors)`` of an HF model folder, checked against its manifest
+    first (``verify``); a missing, damaged or corrupt config.json or safetensors file raises
+    `CheckpointFormatError`."""
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    verify_folder(folder, verify)
     config = _read_json(folder / CONFIG_FILE)
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{folder / CONFIG_FILE} must hold a JSON object (the model's config)")
@@ -354,23 +380,29 @@ def save_model(
         write_safetensors(tmp, model.state_dict(), max_shard_bytes)
         if tokenizer is not None:
             store_tokenizer(tokenizer, tmp)
+        write_manifest(tmp, hash_folder(tmp))  # just written: hashed from the page cache
     return Path(path)
 
 
 def load_model(
-    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Build the model described by ``model.yaml`` in ``path`` and load its safetensors strictly.
 
     The model is returned in eval mode (dropout off), as transformers' ``from_pretrained`` does; call
-    ``model.train()`` to train it. A missing or corrupt ``model.yaml`` or safetensors file raises
-    `CheckpointFormatError` naming the file.
+    ``model.train()`` to train it. The folder is checked against its manifest first (``verify``); a
+    missing, damaged or corrupt ``model.yaml`` or safetensors file raises `CheckpointFormatError`
+    naming the file.
     """
     folder = Path(path)
     if not (folder / MODEL_YAML).is_file():
         raise CheckpointFormatError(
             f"{folder} has no {MODEL_YAML}; for a Hugging Face folder use deepsuite.models.load_hf"
         )
+    verify_folder(folder, verify)
     try:
         spec_data = yaml.safe_load((folder / MODEL_YAML).read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -32,12 +32,12 @@ from deepsuite.config.errors import ConfigError
 _TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "balance_loss_alpha", "mtp_depth"})
 
 
-def _load_source(path: Path) -> tuple[nn.Module, str]:
+def _load_source(path: Path, verify: bool) -> tuple[nn.Module, str]:
     if (path / "config.json").is_file():
-        return load_hf(path), "Hugging Face folder"
+        return load_hf(path, verify=verify), "Hugging Face folder"
     if (path / MODEL_YAML).is_file():
-        return load_model(path), "deepsuite model folder"
-    model, _, _ = load_model_from_checkpoint(path)
+        return load_model(path, verify=verify), "deepsuite model folder"
+    model, _, _ = load_model_from_checkpoint(path, verify=verify)
     return model, "training checkpoint"
 
 
@@ -65,18 +65,19 @@ def missing_source_error(init_from: str) -> ConfigError:
     )
 
 
-def load_initial_weights(model: nn.Module, init_from: str) -> str:
+def load_initial_weights(model: nn.Module, init_from: str, verify: bool = True) -> str:
     """Copy the weights of ``init_from`` into ``model`` (freshly built from the run's config, not yet
     parallelised or handed to DeepSpeed); returns a one-line summary for the log.
 
     Raises `ConfigError` naming the path when it does not exist or its architecture differs from
-    the run's (each differing field with both values), and `CheckpointFormatError` (via the
-    loaders) when its files are unreadable.
+    the run's (each differing field with both values), and `CheckpointFormatError` /
+    `CheckpointError` (via the loaders) when its files are unreadable or, with ``verify``
+    (``checkpoint.verify``), do not match their checksums.
     """
     path = Path(init_from)
     if not path.exists():
         raise missing_source_error(init_from)
-    source, kind = _load_source(path)
+    source, kind = _load_source(path, verify)
     ours, theirs = getattr(model, "args", None), getattr(source, "args", None)
     if ours is None or theirs is None:
         raise ConfigError(f"checkpoint.init_from={init_from!r}: cannot compare architectures (no model args)")

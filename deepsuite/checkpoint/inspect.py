@@ -11,9 +11,11 @@ Tensor shapes and dtypes come from safetensors headers (parsed here, no tensor d
 DeepSpeed's model-states file opened with torch's weights-only unpickler on a memory map; the
 parameter count is the number of elements of the stored tensors that are parameters of the model
 the config describes (built on the meta device), tied weights counted once — so it equals
-``sum(p.numel() for p in model.parameters())`` of the loaded model. Any inconsistency (a missing,
-truncated or unreadable file, a manifest size that does not match, a tensor the config does not
-expect) raises `CheckpointError` with one line naming the file and the problem.
+``sum(p.numel() for p in model.parameters())`` of the loaded model. Every file is first checked
+against the folder's manifest.json (size and digest; ``verify=False`` skips that, and then only the
+headers are read for a model folder). Any inconsistency (a file that does not match its checksum, a
+missing, truncated or unreadable file, a tensor the config does not expect) raises `CheckpointError`
+with one line naming the file and the problem: a damaged checkpoint is never reported healthy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import yaml
 
+from deepsuite.checkpoint.checksums import MANIFEST_FILE, Verdict, check_folder, warn_unverified
 from deepsuite.checkpoint.consolidate import stacked_parameters
 from deepsuite.checkpoint.hf_io import CONFIG_FILE, INDEX_FILE, MODEL_YAML, SINGLE_FILE, restore_aliases
 from deepsuite.checkpoint.manager import (
@@ -217,7 +220,30 @@ def _files(root: Path, names: list[str]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------- the kinds
 
 
-def _inspect_model_folder(folder: Path, kind: str) -> dict[str, Any]:
+def _checksum_line(verdict: Verdict | None) -> str:
+    if verdict is None:
+        return "checksums not verified (--no-verify)"
+    if not verdict.verified:
+        return f"checksums not verified (no {MANIFEST_FILE})"
+    return f"every file matches its size and checksum in {MANIFEST_FILE}"
+
+
+def _verified_model_folder(folder: Path, kind: str, verify: bool) -> Verdict | None:
+    if not verify:
+        return None
+    verdict = check_folder(folder)
+    if verdict.file is not None:
+        raise CheckpointError(
+            f"{folder / verdict.file} is corrupt: it {verdict.problem}; export or copy the folder again (if "
+            "the change was on purpose, delete its manifest.json, or pass --no-verify)"
+        )
+    if not verdict.verified and kind == KIND_DEEPSUITE:
+        warn_unverified(folder)
+    return verdict
+
+
+def _inspect_model_folder(folder: Path, kind: str, verify: bool = True) -> dict[str, Any]:
+    verdict = _verified_model_folder(folder, kind, verify)
     tensors, files, aliases = _safetensors_folder(folder)
     extra: dict[str, Any] = {}
     if kind == KIND_DEEPSUITE:
@@ -287,6 +313,7 @@ def _inspect_model_folder(folder: Path, kind: str) -> dict[str, Any]:
         "integrity": {
             "ok": True,
             "checks": [
+                _checksum_line(verdict),
                 f"{len(files)} file(s) present; every safetensors header parses and matches its file size",
                 "every tensor is one the config expects, with the expected shape (none missing)",
             ],
@@ -346,13 +373,15 @@ def _training_tensors(tag_dir: Path) -> tuple[dict[str, TensorInfo], int]:
     return tensors, ep_size
 
 
-def _inspect_training(step_dir: Path) -> dict[str, Any]:
-    state = verify_checkpoint(step_dir)  # manifest sizes + every DeepSpeed file loads weights-only
+def _inspect_training(step_dir: Path, verify: bool = True) -> dict[str, Any]:
+    # checksums (manifest.json), state.json sizes, every DeepSpeed file loads weights-only
+    state = verify_checkpoint(step_dir, checksums=verify)
+    has_manifest = (step_dir / MANIFEST_FILE).is_file()
     cfg = load_config_of(step_dir)
     tensors, ep_size = _training_tensors(step_dir / DS_TAG)
     args = cfg.model.resolved_args
     parameters = _count_parameters(_meta_model(cfg.model.name, args), tensors, str(step_dir))
-    names = sorted([*state["files"], STATE_FILE])
+    names = sorted([*state["files"], STATE_FILE, *([MANIFEST_FILE] if has_manifest else [])])
     ranks: dict[str, list[str]] = {}
     ep_ranks: dict[str, list[str]] = {}
     shared: list[str] = []
@@ -392,7 +421,8 @@ def _inspect_training(step_dir: Path) -> dict[str, Any]:
         "integrity": {
             "ok": True,
             "checks": [
-                f"{len(state['files'])} manifest files present with their recorded sizes",
+                _checksum_line(Verdict(has_manifest) if verify else None),
+                f"{len(state['files'])} files of state.json present with their recorded sizes",
                 "every DeepSpeed file loads with the weights-only unpickler",
                 "the stored parameters are the ones the run config describes, with their shapes",
             ],
@@ -400,7 +430,7 @@ def _inspect_training(step_dir: Path) -> dict[str, Any]:
     }
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Describe the checkpoint or model folder at ``path`` and check its integrity.
 
     ``path`` is a training checkpoint (a run folder, through ``latest``, or a ``step_N`` folder), a
@@ -414,9 +444,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     the files of each rank) and ``integrity`` (the checks that passed).
 
     Raises `CheckpointError` (one line naming the file and the problem) when the folder is missing,
-    incomplete or corrupt: a manifest file missing or of the wrong size, a DeepSpeed file that does
-    not load with the weights-only unpickler, a safetensors header that does not parse or does not
-    match its file size, or stored tensors that do not fit the config.
+    incomplete or corrupt: a file that does not match its size and checksum in manifest.json (not
+    checked with ``verify=False``), a file of state.json missing or of the wrong size, a DeepSpeed
+    file that does not load with the weights-only unpickler, a safetensors header that does not
+    parse or does not match its file size, or stored tensors that do not fit the config.
     """
     p = Path(path)
     if not p.exists():
@@ -424,14 +455,14 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{p} does not exist; give a run folder, a step_N folder, a deepsuite model folder or an HF folder"
         )
     if (p / MODEL_YAML).is_file():
-        return _inspect_model_folder(p, KIND_DEEPSUITE)
+        return _inspect_model_folder(p, KIND_DEEPSUITE, verify)
     if (p / CONFIG_FILE).is_file():
-        return _inspect_model_folder(p, KIND_HF)
+        return _inspect_model_folder(p, KIND_HF, verify)
     try:
         step_dir = find_checkpoint(p)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; nor is it a model folder (no {MODEL_YAML} or {CONFIG_FILE})") from None
-    return _inspect_training(step_dir)
+    return _inspect_training(step_dir, verify)
 
 
 # --------------------------------------------------------------------------------- text report

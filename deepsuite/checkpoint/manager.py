@@ -9,38 +9,57 @@ Layout of `checkpoint.dir`::
       rng/rank_00000.json   # every RNG of each rank
       config.yaml           # the resolved run config
       tokenizer.model       # copy of the tokenizer (tokenizer.json for a Hugging Face one): self-contained
-      state.json            # written last: step, sampler position, tokens seen, model config,
-                            # a manifest (path → bytes) of every other file and, under ZeRO-0, the
-                            # parameter names of each optimizer group (`optimizer_param_names`)
+      state.json            # step, sampler position, tokens seen, model config, the size (path →
+                            # bytes) of every other file and, under ZeRO-0, the parameter names of
+                            # each optimizer group (`optimizer_param_names`)
+      manifest.json         # written last: size and xxh3-64 digest of every file, state.json
+                            # included, and the digest of the manifest itself (`checkpoint.checksums`)
 
-Save sequence: everything goes to `tmp-step_N/`; `state.json` is written last and fsynced; the folder
-is renamed to `step_N/`; then `latest` is replaced (write + fsync + `os.replace`); only then are old
-checkpoints beyond `keep_last` deleted. Loading never unpickles freely: every DeepSpeed file is first
-read with torch's weights-only unpickler (tensors, containers and a short allowlist of DeepSpeed
-classes), and the engine's own reads are routed through it too.
+Save sequence: everything goes to `tmp-step_N/`; each rank hashes the files it wrote right after
+writing them (DeepSpeed's per-rank files through its checkpoint engine, expert shards, its RNG
+state) and rank 0 gathers the digests; rank 0 writes state.json and the manifest, fsynced; the
+folder is renamed to `step_N/`; then `latest` is replaced (write + fsync + `os.replace`); only then
+are old checkpoints beyond `keep_last` deleted.
+
+Loading verifies before it trusts: every file against the manifest (`verify_checkpoint`; a damaged
+checkpoint is refused naming the file and the newest intact checkpoint of the run; one without a
+manifest, from an older deepsuite, loads with a warning), then every DeepSpeed file is read with
+torch's weights-only unpickler (tensors, containers and a short allowlist of DeepSpeed classes), and
+the engine's own reads are routed through it too.
 
 The weights of a checkpoint, consolidated over its ranks, come from `deepsuite.checkpoint.consolidate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from deepsuite.checkpoint.atomic import fsync_dir, fsync_file, write_durable
+from deepsuite.checkpoint.checksums import (
+    Entry,
+    check_folder,
+    hash_file,
+    hash_folder,
+    warn_unverified,
+    write_manifest,
+)
 from deepsuite.checkpoint.rng import capture_rng_state, restore_rng_state
 from deepsuite.config.loader import config_from_dict, config_to_dict, read_yaml
 from deepsuite.config.schema import Config
 from deepsuite.parallel.deepspeed import make_checkpoint_loading_safe, safe_torch_load
-from deepsuite.parallel.dist import barrier
+from deepsuite.parallel.dist import all_gather_object, barrier
 from deepsuite.parallel.expert_parallel import load_expert_shards, save_expert_shards
 
 STATE_FILE = "state.json"
@@ -104,16 +123,20 @@ def save_checkpoint(
     tokens_seen: int,
     tokenizer_path: str | os.PathLike[str] | None,
     extra: dict[str, Any] | None = None,
+    checksums: bool = True,
 ) -> Path:
-    """Write `ckpt_dir/step_<step>` (collective: every rank calls it) and return its path."""
+    """Write `ckpt_dir/step_<step>` (collective: every rank calls it) and return its path.
+
+    ``checksums=False`` leaves out the hashing and the manifest (the layout of older checkpoints;
+    the save benchmark's baseline)."""
     root = Path(ckpt_dir)
     name = f"step_{step}"
     tmp, final = root / f"tmp-{name}", root / name
     if rank == 0:
         _fresh_tmp(root, tmp)
     barrier()
-    _write_rank_files(engine, tmp, rank)
-    barrier()
+    hashed = _write_rank_files(engine, tmp, rank, checksums)
+    every_rank = all_gather_object(hashed)  # also waits until every rank has written its files
     if rank == 0:
         state = {
             "format": STATE_FORMAT,
@@ -133,7 +156,7 @@ def save_checkpoint(
             # ("consumed N numels out of 2N"); `deepsuite consolidate` is the tool for it.
             for script in DS_RECOVERY_SCRIPTS:
                 (tmp / script).unlink(missing_ok=True)
-        _write_state(tmp, cfg, tokenizer_path, state)
+        _write_state(tmp, cfg, tokenizer_path, state, _merged(every_rank))
         _publish(tmp, final)
         _point_latest(root, name)
         rotate(root, cfg.checkpoint.keep_last)
@@ -149,19 +172,80 @@ def _fresh_tmp(root: Path, tmp: Path) -> None:
     tmp.mkdir()
 
 
-def _write_rank_files(engine: Any, tmp: Path, rank: int) -> None:
-    """This rank's files: DeepSpeed's, its experts under expert parallelism, its RNG state."""
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    save_expert_shards(engine, tmp / DS_TAG)  # no-op without EP
-    (tmp / "rng").mkdir(exist_ok=True)
-    write_durable(tmp / "rng" / f"rank_{rank:05d}.json", json.dumps(capture_rng_state()))
+def _write_rank_files(engine: Any, tmp: Path, rank: int, checksums: bool = True) -> dict[str, Entry] | None:
+    """This rank's files: DeepSpeed's, its experts under expert parallelism, its RNG state, each
+    fsynced by this rank. Returns their sizes and digests (None: ``checksums`` off).
+
+    Each file is hashed on a second thread as soon as it is written, from the page cache, while
+    DeepSpeed writes the next one and while this rank fsyncs them: the fsyncs (disk-bound, outside the
+    GIL) take longer than the hashing, which so costs next to no time (tools/benchmarks/checkpoint_save.py).
+    """
+    written: list[Path] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as hasher:
+        digests: list[Future[Entry]] = []
+
+        def done(path: str | os.PathLike[str] | None) -> None:
+            if path is not None:
+                written.append(Path(path))
+                if checksums:
+                    digests.append(hasher.submit(hash_file, path, mapped=True))
+
+        with _after_each_engine_save(engine, done):
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        done(save_expert_shards(engine, tmp / DS_TAG))  # no-op without EP
+        (tmp / "rng").mkdir(exist_ok=True)
+        rng_file = tmp / "rng" / f"rank_{rank:05d}.json"
+        rng_file.write_text(json.dumps(capture_rng_state()), encoding="utf-8")
+        done(rng_file)
+        for path in written:
+            fsync_file(path)
+        if not checksums:
+            return None
+        return {p.relative_to(tmp).as_posix(): d.result() for p, d in zip(written, digests)}
+
+
+@contextlib.contextmanager
+def _after_each_engine_save(engine: Any, callback: Any) -> Iterator[None]:
+    """Call ``callback(path)`` after each file DeepSpeed's checkpoint engine writes on this rank
+    (model states, this rank's optimizer partition, MoE expert files), while it is in the page cache."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None:
+        yield
+        return
+    original = ckpt_engine.save
+    shadowed = "save" in vars(ckpt_engine)
+
+    def save(state_dict: Any, path: str) -> Any:
+        out = original(state_dict, path)
+        callback(path)
+        return out
+
+    ckpt_engine.save = save
+    try:
+        yield
+    finally:
+        if shadowed:
+            ckpt_engine.save = original
+        else:
+            del ckpt_engine.save
+
+
+def _merged(every_rank: list[dict[str, Entry] | None]) -> dict[str, Entry] | None:
+    if any(hashed is None for hashed in every_rank):
+        return None
+    return {rel: entry for hashed in every_rank if hashed for rel, entry in hashed.items()}
 
 
 def _write_state(
-    tmp: Path, cfg: Config, tokenizer_path: str | os.PathLike[str] | None, state: dict[str, Any]
+    tmp: Path,
+    cfg: Config,
+    tokenizer_path: str | os.PathLike[str] | None,
+    state: dict[str, Any],
+    hashed: dict[str, Entry] | None = None,
 ) -> None:
-    """The run config and the tokenizer copy, then state.json with the manifest of every file; all
-    of it fsynced."""
+    """The run config and the tokenizer copy, state.json with the size of every file, then the
+    manifest with every file's digest (``hashed``: those the ranks hashed; the rest is hashed here;
+    None: no manifest); all of it fsynced."""
     write_durable(tmp / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if tokenizer_path:
         shutil.copyfile(tokenizer_path, tmp / Path(tokenizer_path).name)  # tokenizer.model or .json
@@ -171,6 +255,8 @@ def _write_state(
             fsync_file(p)
             files[p.relative_to(tmp).as_posix()] = p.stat().st_size
     write_durable(tmp / STATE_FILE, json.dumps({**state, "files": files}, indent=1))
+    if hashed is not None:
+        write_manifest(tmp, hash_folder(tmp, hashed))
     for d in {tmp, *(p.parent for p in tmp.rglob("*"))}:
         fsync_dir(d)
 
@@ -317,10 +403,23 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check that a checkpoint is complete (every manifest file present with its size) and safe (every
-    DeepSpeed file loads with the weights-only unpickler); return its state."""
+def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -> dict[str, Any]:
+    """Check that a checkpoint is intact (with ``checksums``: every file it lists in manifest.json has
+    its recorded size and digest, the manifest its own; without a manifest, one warning line),
+    complete (every file of state.json present with its size) and safe (every DeepSpeed file loads
+    with the weights-only unpickler); return its state.
+
+    A damaged file raises `CheckpointError` naming it and the newest intact checkpoint of the same
+    run folder (`newest_intact_checkpoint`) to use instead."""
     p = Path(path)
+    if not (p / STATE_FILE).is_file():
+        read_state(p)  # raises: incomplete
+    if checksums:
+        verdict = check_folder(p)
+        if verdict.damage is not None:
+            raise damaged_checkpoint_error(p, verdict.damage)
+        if not verdict.verified:
+            warn_unverified(p)
     state = read_state(p)
     for rel, size in state["files"].items():
         f = p / rel
@@ -347,6 +446,34 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"checkpoint {p} is corrupt: {f.relative_to(p)} cannot be read ({first})"
             ) from None
     return state
+
+
+def newest_intact_checkpoint(root: Path, *, besides: Path | None = None) -> Path | None:
+    """The newest complete ``step_N`` folder of ``root`` (other than ``besides``) whose files all
+    match their manifest; checkpoints without a manifest cannot be shown intact and are passed over."""
+    for _, d in reversed(step_dirs(root)):
+        if besides is not None and d.resolve() == besides.resolve():
+            continue
+        if not (d / STATE_FILE).is_file():
+            continue
+        verdict = check_folder(d)
+        if verdict.verified and verdict.damage is None:
+            return d
+    return None
+
+
+def damaged_checkpoint_error(path: Path, damage: str) -> CheckpointError:
+    """The one-line error for checkpoint ``path`` with a damaged file (``damage`` names it)."""
+    intact = newest_intact_checkpoint(path.parent, besides=path)
+    instead = (
+        f"the newest intact checkpoint of the run is {intact} (resume with checkpoint.resume={intact})"
+        if intact is not None
+        else f"no intact checkpoint in {path.parent} to use instead"
+    )
+    return CheckpointError(
+        f"checkpoint {path} is corrupt: {damage}; {instead}; checkpoint.verify=false or --no-verify "
+        "skips this check"
+    )
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, path: Path, world_size: int) -> None:

@@ -275,6 +275,9 @@ class CheckpointConfig:
     init_from: str = ""
     """Start a fresh run (step 0, new optimizer) from these weights: an HF folder (`config.json` + safetensors), a deepsuite model folder (`model.yaml`) or a training run/`step_N` folder (any ZeRO stage, world size and `ep_size`). Its architecture must equal `model` (dropout/init may differ; missing MTP modules start fresh). Ignored when the run resumes from its own checkpoint."""
 
+    verify: bool = True
+    """Check every file of the checkpoint resumed from (and of `init_from`) against the size and checksum its `manifest.json` recorded when it was written, before reading it; a damaged file stops the run naming it and the newest intact checkpoint. `false` skips the check (the weights-only unpickling check stays)."""
+
 
 @dataclass
 class LoggingConfig:

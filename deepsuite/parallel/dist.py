@@ -158,6 +158,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def global_rank() -> int:
+    """This process's rank in the world (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (pickled over the group: only for small trusted values)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` from rank `src` on every rank (pickled over the group: only for small trusted values)."""
     if not is_initialized() or dist.get_world_size() == 1:

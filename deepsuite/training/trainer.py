@@ -226,7 +226,7 @@ class Trainer:
         seed_everything(cfg.training.seed)
         model = build_model(cfg.model, device=self.device)
         if cfg.checkpoint.init_from and self.resume_from is None:
-            _say(self.dims, load_initial_weights(model, cfg.checkpoint.init_from))
+            _say(self.dims, load_initial_weights(model, cfg.checkpoint.init_from, cfg.checkpoint.verify))
         elif cfg.checkpoint.init_from:
             _say(self.dims, f"checkpoint.init_from ignored: resuming from {self.resume_from}")
         configure_model(model, cfg)
@@ -630,7 +630,7 @@ def _checked_resume(
     path = resolve_resume(resume or cfg.checkpoint.resume, cfg.checkpoint.dir)
     if path is None:
         return None, {}
-    state = verify_checkpoint(path)
+    state = verify_checkpoint(path, checksums=cfg.checkpoint.verify)
     check_compatible(state, cfg, path, world_size)
     refusal = expert_parallel_refusal(path, state, cfg, world_size)
     if refusal is not None:

@@ -150,7 +150,9 @@ def test_corrupt_checkpoint(
         train_argv(tiny_data, run_dir, training__steps=6),
         r"step_4 is corrupt: .*mp_rank_00_model_states.pt has 100 bytes",
     )
-    # same size, garbage inside: the weights-only reader fails on it
+    # same size, garbage inside, in a checkpoint without checksums (an older one, or its manifest
+    # deleted; test_checksums covers the manifest): the weights-only reader fails on it
+    (run_dir / "step_4" / "manifest.json").unlink()
     state = json.loads((run_dir / "step_4" / "state.json").read_text())
     state["files"]["deepspeed/mp_rank_00_model_states.pt"] = 100
     (run_dir / "step_4" / "state.json").write_text(json.dumps(state))
@@ -201,6 +203,7 @@ def plant_payload(ckpt: Path, marker: Path) -> None:
     meta = json.loads((ckpt / "state.json").read_text())
     meta["files"]["deepspeed/mp_rank_00_model_states.pt"] = target.stat().st_size  # size check passes
     (ckpt / "state.json").write_text(json.dumps(meta))
+    (ckpt / "manifest.json").unlink()  # checksums are no defence against a planted file: the unpickler is
 
 
 def test_pickled_payload_is_refused_not_run(

@@ -135,7 +135,13 @@ def test_consolidate_gpt_zero0_to_hf_with_the_tool(
     proc = tool("consolidate_zero.py", str(runs["gpt"]), str(out))  # latest, --format hf by default
     assert "step 4" in proc.stdout and "ZeRO-0" in proc.stdout
     names = sorted(p.name for p in out.iterdir())  # the run's tokenizer travels with the weights
-    assert names == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     adapter = get_model_spec("gpt").adapter()
     assert_same_tensors(read_safetensors(out), adapter.state_dict_to_hf(model.state_dict(), model.args))
 
@@ -150,7 +156,12 @@ def test_consolidate_deepseek_zero2_to_deepsuite_with_the_subcommand(
     out = tmp_path / "ds"
     proc = tool("consolidate", str(run), str(out), "--format", "deepsuite", "--step", "4")
     assert "step 4" in proc.stdout and "ZeRO-2" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "model.yaml",
+        "tokenizer.model",
+    ]
     weights = read_safetensors(out)
     assert_same_tensors(weights, model.state_dict())
     # independent of DeepSpeed's zero_to_fp32: under ZeRO-2 in fp32 the engine's module copy is the
@@ -301,7 +312,7 @@ def test_inspect_exits_2_with_one_line_on_a_corrupt_checkpoint(
     text = text.ljust(n)  # safetensors pads its header with spaces
     (bad_ds / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + n :])
     capsys.readouterr()
-    assert main(["inspect", str(bad_ds)]) == 2
+    assert main(["inspect", str(bad_ds), "--no-verify"]) == 2  # past the checksums (test_checksums)
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
@@ -433,7 +444,8 @@ def test_convert_exits_2_with_one_line_on_bad_input(
     ]
     capsys.readouterr()
     for conversion, src, message in cases:
-        assert main(["convert", conversion, str(src), str(tmp_path / "out")]) == 2, src.name
+        # --no-verify: the readers' own checks (the checksums would name each file first: test_checksums)
+        assert main(["convert", conversion, str(src), str(tmp_path / "out"), "--no-verify"]) == 2, src.name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (src.name, err)
         assert not (tmp_path / "out").exists()
@@ -464,7 +476,7 @@ def test_convert_checks_dst_before_loading_src(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "empty").mkdir()
     assert main(["convert", "deepsuite-to-hf", str(good["ds"]), str(tmp_path / "empty")]) == 0
     assert main(["convert", "deepsuite-to-hf", str(good["ds"]), str(dst), "--overwrite"]) == 0
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
 
 
 def test_inspect_refuses_a_dangling_alias_like_convert(
@@ -476,7 +488,7 @@ def test_inspect_refuses_a_dangling_alias_like_convert(
         lambda _t, meta: meta.update({"deepsuite.aliases": json.dumps({"lm_head.weight": "nonexistent"})}),
     )
     capsys.readouterr()
-    assert main(["inspect", str(alias)]) == 2
+    assert main(["inspect", str(alias), "--no-verify"]) == 2  # past the checksums (test_checksums)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nonexistent" in err[0], err
 

@@ -69,7 +69,11 @@ def test_native_folder_round_trip(tmp_path):
         model = tiny(args, seed=1)
         folder = tmp_path / f"native-{args.tie_embeddings}"
         save_model(model, folder)
-        assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "model.yaml"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "manifest.json",
+            "model.safetensors",
+            "model.yaml",
+        ]
         loaded = load_model(folder)
         assert isinstance(loaded, GPT) and loaded.args == args
         assert (loaded.lm_head.weight is loaded.wte.weight) == args.tie_embeddings
@@ -137,6 +141,7 @@ def test_load_hf_dtype_and_unknown_model_type(tmp_path):
     save_hf(tiny(), tmp_path / "m")
     assert load_hf(tmp_path / "m", dtype=torch.bfloat16).wte.weight.dtype == torch.bfloat16
     config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "manifest.json").unlink()  # edited on purpose (test_checksums covers the check)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
     from deepsuite.config.errors import ConfigError
 
@@ -261,6 +266,7 @@ def test_corrupt_folders_raise_checkpoint_format_error_naming_the_file(tmp_path:
     def broken(src: Path, name: str) -> Path:
         out = tmp_path / name
         shutil.copytree(src, out)
+        (out / "manifest.json").unlink()  # without checksums the readers' own checks speak
         return out
 
     trunc = broken(hf, "trunc")
@@ -319,6 +325,7 @@ def test_bad_deepseek_folders_raise_checkpoint_format_error(tmp_path: Path):
     def broken(name: str) -> Path:
         out = tmp_path / name
         shutil.copytree(good, out)
+        (out / "manifest.json").unlink()  # without checksums the readers' own checks speak
         return out
 
     cfg = broken("cfg")
