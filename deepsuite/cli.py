@@ -293,6 +293,7 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 def _model_and_tokenizer(source: str, verify: bool = True) -> tuple[typing.Any, typing.Any]:
     """The model in `source` (an HF or deepsuite model folder, a run folder or a step_N folder) and
     the tokenizer stored with it; checked against its checksums first (``verify``)."""
+    from deepsuite.checkpoint.atomic import checkpoint_file
     from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
     from deepsuite.checkpoint.hf import load_hf
     from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
@@ -301,8 +302,8 @@ def _model_and_tokenizer(source: str, verify: bool = True) -> tuple[typing.Any, 
 
     path = Path(source)
     model: typing.Any
-    if (path / "config.json").is_file() or (path / "model.yaml").is_file():
-        if (path / "config.json").is_file():
+    if checkpoint_file(path / "config.json") or checkpoint_file(path / "model.yaml"):
+        if checkpoint_file(path / "config.json"):
             model = load_hf(path, verify=verify)
         else:
             model = load_model(path, verify=verify)
@@ -459,6 +460,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("deepsuite.checkpoint.manager", "CheckpointError"),
         ("deepsuite.checkpoint.hf_io", "CheckpointFormatError"),
+        ("deepsuite.checkpoint.atomic", "CheckpointWriteError"),
         ("deepsuite.generation.text", "GenerationError"),
     ):
         mod = sys.modules.get(module)

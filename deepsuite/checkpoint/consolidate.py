@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsuite.checkpoint.atomic import checkpoint_file
 from deepsuite.checkpoint.hf_io import load_state_dict_strict
 from deepsuite.checkpoint.manager import (
     STATE_FILE,
@@ -68,7 +69,7 @@ def resolve_tag_dir(path: str | os.PathLike[str], tag: str | None = None) -> Pat
     picks the tag), or a deepsuite ``step_N`` folder / run folder (``deepspeed/`` inside).
     """
     root = Path(path)
-    if (root / "latest").is_file() and not list(root.glob("*_model_states.pt")):
+    if checkpoint_file(root / "latest") and not list(root.glob("*_model_states.pt")):
         name = (root / "latest").read_text().strip()
         if tag is None and (root / name).is_dir():
             root = root / name

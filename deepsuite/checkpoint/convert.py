@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from deepsuite.checkpoint.atomic import checkpoint_file
 from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
 from deepsuite.checkpoint.hf import load_hf, save_hf
 from deepsuite.checkpoint.hf_io import MODEL_YAML, folder_tokenizer, load_model, save_model
@@ -42,8 +43,8 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
 def _hf_folder_tokenizer(folder: Path) -> Path | None:
     """The tokenizer of an HF model folder when deepsuite can use it: the folder itself (with
     ``tokenizer.json`` and a known end-of-document token) or its ``tokenizer.model``; else None."""
-    candidates = [folder] if (folder / HF_TOKENIZER_FILE).is_file() else []
-    candidates += [folder / SENTENCEPIECE_FILE] if (folder / SENTENCEPIECE_FILE).is_file() else []
+    candidates = [folder] if checkpoint_file(folder / HF_TOKENIZER_FILE) else []
+    candidates += [folder / SENTENCEPIECE_FILE] if checkpoint_file(folder / SENTENCEPIECE_FILE) else []
     for candidate in candidates:
         try:
             Tokenizer(candidate)
@@ -77,7 +78,7 @@ def deepsuite_to_hf(
     """A deepsuite folder (model.yaml) or a training checkpoint → an HF folder, with the source's
     tokenizer when it has one; weights stored in ``dtype`` (None: float32). ``verify``: check SRC
     against its manifest.json first."""
-    if not (Path(src) / MODEL_YAML).is_file():
+    if not checkpoint_file(Path(src) / MODEL_YAML):
         return zero_to_hf(src, dst, overwrite=overwrite, dtype=dtype, verify=verify)
     model = _cast(load_model(src, verify=verify), dtype)
     return save_hf(model, dst, overwrite=overwrite, tokenizer=folder_tokenizer(src))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deepsuite.checkpoint.atomic import atomic_dir
+from deepsuite.checkpoint.atomic import atomic_dir, checkpoint_file
 from deepsuite.checkpoint.checksums import check_folder, hash_folder, warn_unverified, write_manifest
 from deepsuite.config.loader import build_dataclass
 from deepsuite.data.tokenizer import export_hf_tokenizer, store_tokenizer
@@ -159,7 +160,7 @@ def write_hf_folder(
 
 def folder_tokenizer(folder: str | os.PathLike[str]) -> Path | None:
     """The tokenizer file a deepsuite folder holds (``tokenizer.json`` or ``tokenizer.model``), or None."""
-    return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)
+    return next((Path(folder) / n for n in TOKENIZER_FILES if checkpoint_file(Path(folder) / n)), None)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -199,11 +200,39 @@ def _one_line(exc: BaseException) -> str:
 def _read_json(path: Path) -> Any:
     """The JSON value in ``path``; unreadable JSON raises `CheckpointFormatError` naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(
             f"{path} is not valid JSON ({_one_line(exc)}); copy or download it again"
         ) from None
+    check_finite_json(value, path)
+    return value
+
+
+def non_finite_number(value: Any, key: str = "") -> tuple[str, float] | None:
+    """``(key path, number)`` of the first number in a parsed JSON value that is not finite, or
+    None. Python's json reads ``Infinity``, ``-Infinity``, ``NaN`` (and ``1e999`` as infinity),
+    which JSON itself does not allow."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if isinstance(value, dict):
+        items = [(f"{key}.{k}" if key else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    return next((found for k, v in items if (found := non_finite_number(v, k)) is not None), None)
+
+
+def check_finite_json(value: Any, path: Path) -> None:
+    """Refuse a non-finite number in ``value``, read from the JSON file ``path``, naming its key."""
+    found = non_finite_number(value)
+    if found is not None:
+        key, number = found
+        raise CheckpointFormatError(
+            f"{path}: {key or 'its value'} is {json.dumps(number)}, which JSON does not allow; write the "
+            "model's real value there (the model's original config.json has it)"
+        )
 
 
 def _read_file(path: Path, out: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -265,10 +294,10 @@ def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointFormatError(f"{folder} is not a folder")
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    if (folder / SINGLE_FILE).is_file():
+    if checkpoint_file(folder / SINGLE_FILE):
         meta = _read_file(folder / SINGLE_FILE, tensors)
         aliases = _aliases_of(meta, folder / SINGLE_FILE)
-    elif (folder / INDEX_FILE).is_file():
+    elif checkpoint_file(folder / INDEX_FILE):
         index = _read_json(folder / INDEX_FILE)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -278,7 +307,7 @@ def read_safetensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             )
         for name in sorted(set(weight_map.values())):
             shard = folder / name
-            if not shard.is_file() or Path(name).name != name:
+            if Path(name).name != name or not checkpoint_file(shard):
                 raise CheckpointFormatError(f"{folder / INDEX_FILE} names shard {name!r}, which is missing")
             meta = _read_file(shard, tensors)
             aliases.update(_aliases_of(meta, shard))
@@ -298,7 +327,7 @@ def read_hf_folder(
     first (``verify``); a missing, damaged or corrupt config.json or safetensors file raises
     `CheckpointFormatError`."""
     folder = Path(path)
-    if not (folder / CONFIG_FILE).is_file():
+    if not checkpoint_file(folder / CONFIG_FILE):
         raise CheckpointFormatError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     verify_folder(folder, verify)
     config = _read_json(folder / CONFIG_FILE)
@@ -398,7 +427,7 @@ def load_model(
     naming the file.
     """
     folder = Path(path)
-    if not (folder / MODEL_YAML).is_file():
+    if not checkpoint_file(folder / MODEL_YAML):
         raise CheckpointFormatError(
             f"{folder} has no {MODEL_YAML}; for a Hugging Face folder use deepsuite.models.load_hf"
         )

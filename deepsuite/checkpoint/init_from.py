@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from deepsuite.checkpoint.atomic import checkpoint_file
 from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
 from deepsuite.checkpoint.hf import load_hf
 from deepsuite.checkpoint.hf_io import MODEL_YAML, load_model
@@ -33,9 +34,9 @@ _TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "balance_loss_alpha", 
 
 
 def _load_source(path: Path, verify: bool) -> tuple[nn.Module, str]:
-    if (path / "config.json").is_file():
+    if checkpoint_file(path / "config.json"):
         return load_hf(path, verify=verify), "Hugging Face folder"
-    if (path / MODEL_YAML).is_file():
+    if checkpoint_file(path / MODEL_YAML):
         return load_model(path, verify=verify), "deepsuite model folder"
     model, _, _ = load_model_from_checkpoint(path, verify=verify)
     return model, "training checkpoint"

@@ -30,9 +30,17 @@ from typing import Any
 import torch
 import yaml
 
+from deepsuite.checkpoint.atomic import checkpoint_file
 from deepsuite.checkpoint.checksums import MANIFEST_FILE, Verdict, check_folder, warn_unverified
 from deepsuite.checkpoint.consolidate import stacked_parameters
-from deepsuite.checkpoint.hf_io import CONFIG_FILE, INDEX_FILE, MODEL_YAML, SINGLE_FILE, restore_aliases
+from deepsuite.checkpoint.hf_io import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    MODEL_YAML,
+    SINGLE_FILE,
+    check_finite_json,
+    restore_aliases,
+)
 from deepsuite.checkpoint.manager import (
     DS_TAG,
     STATE_FILE,
@@ -86,6 +94,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     Only the header is read; a file whose tensor data is shorter or longer than its header says
     (e.g. truncated by an interrupted copy) raises `CheckpointError`.
     """
+    checkpoint_file(path)  # a named pipe would block the open below
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -128,9 +137,9 @@ def _safetensors_folder(folder: Path) -> tuple[dict[str, TensorInfo], list[str],
     """(tensors with aliases restored, file names, aliases) of a model folder's safetensors."""
     tensors: dict[str, TensorInfo] = {}
     aliases: dict[str, str] = {}
-    if (folder / SINGLE_FILE).is_file():
+    if checkpoint_file(folder / SINGLE_FILE):
         files = [SINGLE_FILE]
-    elif (folder / INDEX_FILE).is_file():
+    elif checkpoint_file(folder / INDEX_FILE):
         try:
             index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
             weight_map: dict[str, str] = dict(index["weight_map"])
@@ -138,7 +147,7 @@ def _safetensors_folder(folder: Path) -> tuple[dict[str, TensorInfo], list[str],
             raise CheckpointError(f"{folder / INDEX_FILE} is corrupt ({exc})") from None
         shards = sorted(set(weight_map.values()))
         for name in shards:
-            if Path(name).name != name or not (folder / name).is_file():
+            if Path(name).name != name or not checkpoint_file(folder / name):
                 raise CheckpointError(f"{folder / INDEX_FILE} names shard {name!r}, which is missing")
         files = [*shards, INDEX_FILE]
     else:
@@ -265,6 +274,7 @@ def _inspect_model_folder(folder: Path, kind: str, verify: bool = True) -> dict[
             config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{folder / CONFIG_FILE} is corrupt ({exc})") from None
+        check_finite_json(config, folder / CONFIG_FILE)
         if not isinstance(config, dict) or "model_type" not in config:
             raise CheckpointError(f"{folder / CONFIG_FILE} has no model_type; is it a Hugging Face folder?")
         spec = family_for_hf_model_type(str(config["model_type"]))
@@ -322,6 +332,7 @@ def _inspect_model_folder(folder: Path, kind: str, verify: bool = True) -> dict[
 
 
 def _load_weights_only(path: Path) -> Any:
+    checkpoint_file(path)
     with safe_globals():  # memory-mapped: only the tensors touched are read
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -454,9 +465,9 @@ def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(
             f"{p} does not exist; give a run folder, a step_N folder, a deepsuite model folder or an HF folder"
         )
-    if (p / MODEL_YAML).is_file():
+    if checkpoint_file(p / MODEL_YAML):
         return _inspect_model_folder(p, KIND_DEEPSUITE, verify)
-    if (p / CONFIG_FILE).is_file():
+    if checkpoint_file(p / CONFIG_FILE):
         return _inspect_model_folder(p, KIND_HF, verify)
     try:
         step_dir = find_checkpoint(p)

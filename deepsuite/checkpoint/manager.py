@@ -46,7 +46,18 @@ from typing import Any
 
 import yaml
 
-from deepsuite.checkpoint.atomic import fsync_dir, fsync_file, write_durable
+from deepsuite.checkpoint.atomic import (
+    checkpoint_file,
+    deferred_write_failures,
+    fsync_dir,
+    fsync_file,
+    reason,
+    refuse_special_files,
+    remove_interrupted_saves,
+    write_durable,
+    write_failure,
+    write_fix,
+)
 from deepsuite.checkpoint.checksums import (
     Entry,
     check_folder,
@@ -58,8 +69,9 @@ from deepsuite.checkpoint.checksums import (
 from deepsuite.checkpoint.rng import capture_rng_state, restore_rng_state
 from deepsuite.config.loader import config_from_dict, config_to_dict, read_yaml
 from deepsuite.config.schema import Config
+from deepsuite.data.errors import DataError
 from deepsuite.parallel.deepspeed import make_checkpoint_loading_safe, safe_torch_load
-from deepsuite.parallel.dist import all_gather_object, barrier
+from deepsuite.parallel.dist import all_gather_object, broadcast_object
 from deepsuite.parallel.expert_parallel import load_expert_shards, save_expert_shards
 
 STATE_FILE = "state.json"
@@ -132,12 +144,28 @@ def save_checkpoint(
     root = Path(ckpt_dir)
     name = f"step_{step}"
     tmp, final = root / f"tmp-{name}", root / name
+    # A write that fails on one rank (disk full, no permission, read-only file system) stops every
+    # rank: where barriers would leave the others waiting for it, the ranks agree on the failure, and
+    # all of them raise the same error, with the temporary folder removed and `latest` unchanged.
+    failure: OSError | CheckpointError | None = None
     if rank == 0:
-        _fresh_tmp(root, tmp)
-    barrier()
-    hashed = _write_rank_files(engine, tmp, rank, checksums)
-    every_rank = all_gather_object(hashed)  # also waits until every rank has written its files
-    if rank == 0:
+        try:
+            _fresh_tmp(root, tmp)
+        except CheckpointError as exc:
+            failure = exc
+        except OSError as exc:
+            failure = _failed_write(exc, root)
+    failure = broadcast_object(failure)
+    hashed = None
+    if failure is None:
+        try:
+            hashed = _write_rank_files(engine, tmp, rank, checksums)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's (expert shards)
+            failure = _failed_write(exc, tmp)
+    every_rank = all_gather_object((hashed, failure))  # also waits until every rank has written its files
+    failure = next((f for _, f in every_rank if f is not None), None)
+    published = False
+    if rank == 0 and failure is None:
         state = {
             "format": STATE_FORMAT,
             "step": step,
@@ -151,24 +179,77 @@ def save_checkpoint(
         }
         if cfg.parallel.zero_stage == 0 and (names := optimizer_param_names(engine)) is not None:
             state["optimizer_param_names"] = names
-        if cfg.parallel.ep_size > 1:
-            # DeepSpeed's recovery scripts do not know the expert shards and fail on this layout
-            # ("consumed N numels out of 2N"); `deepsuite consolidate` is the tool for it.
-            for script in DS_RECOVERY_SCRIPTS:
-                (tmp / script).unlink(missing_ok=True)
-        _write_state(tmp, cfg, tokenizer_path, state, _merged(every_rank))
-        _publish(tmp, final)
-        _point_latest(root, name)
-        rotate(root, cfg.checkpoint.keep_last)
-    barrier()
+        try:
+            if cfg.parallel.ep_size > 1:
+                # DeepSpeed's recovery scripts do not know the expert shards and fail on this layout
+                # ("consumed N numels out of 2N"); `deepsuite consolidate` is the tool for it.
+                for script in DS_RECOVERY_SCRIPTS:
+                    (tmp / script).unlink(missing_ok=True)
+            _write_state(tmp, cfg, tokenizer_path, state, _merged([h for h, _ in every_rank]))
+            published = not final.exists()
+            _publish(tmp, final)
+            _point_latest(root, name)
+            published = False  # `latest` names it: the save is complete
+        except OSError as exc:
+            failure = _failed_write(exc, tmp)
+        else:
+            rotate(root, cfg.checkpoint.keep_last)
+    failure = broadcast_object(failure)
+    if failure is not None:
+        if rank == 0:
+            _abandon(root, tmp, final if published else None)
+        raise _save_failed(failure, root, name)
     return final
 
 
+def _failed_write(exc: BaseException, folder: Path) -> OSError:
+    """The OS error behind a failed write into ``folder`` (`write_failure`); anything else is raised
+    as it is."""
+    failure = write_failure(exc, folder)
+    if failure is None:
+        raise exc
+    return failure
+
+
+def _abandon(root: Path, tmp: Path, published: Path | None) -> None:
+    """Remove what a failed save wrote: its temporary folder, the pointer being written and, when
+    it was renamed into place but `latest` does not name it, its step folder."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):  # a read-only file system refuses even a missing file's unlink
+        (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
+    if published is not None:
+        shutil.rmtree(published, ignore_errors=True)
+
+
+def _save_failed(failure: OSError | CheckpointError, root: Path, name: str) -> CheckpointError:
+    """The one line a failed save ends the run with: what, why, the fix, and what is still there."""
+    if isinstance(failure, CheckpointError):
+        return failure
+    try:
+        previous = read_latest(root)
+    except (CheckpointError, DataError):
+        previous = None
+    kept = (
+        f"the previous checkpoint {previous.name} is intact"
+        if previous is not None and previous.is_dir()
+        else "no earlier checkpoint was written"
+    )
+    return CheckpointError(
+        f"could not write checkpoint {name} to {root}: {reason(failure)}; "
+        f"{write_fix(failure, 'point checkpoint.dir elsewhere')}; {kept}"
+    )
+
+
 def _fresh_tmp(root: Path, tmp: Path) -> None:
-    """An empty ``tmp`` in a writable ``root``, the leftovers of a killed save removed."""
-    check_writable(root)
-    for stale in root.glob("tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """An empty ``tmp`` in ``root``, the leftovers of killed saves removed (when no other live
+    process writes there: `remove_interrupted_saves`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_saves(root, keep_claim=True)  # the trainer did at start-up; other callers here
+    if tmp.exists():
+        raise CheckpointError(
+            f"another live process writes in checkpoint.dir={str(root)!r} and {tmp.name} is there: give each "
+            "run its own checkpoint.dir"
+        )
     tmp.mkdir()
 
 
@@ -190,8 +271,12 @@ def _write_rank_files(engine: Any, tmp: Path, rank: int, checksums: bool = True)
                 if checksums:
                     digests.append(hasher.submit(hash_file, path, mapped=True))
 
-        with _after_each_engine_save(engine, done):
+        # DeepSpeed's save ends in a barrier: its writes that fail are raised after it, on this rank
+        writers = [(getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script")]
+        with _after_each_engine_save(engine, done), deferred_write_failures(tmp, writers) as failed:
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        if failed:
+            raise failed[0]
         done(save_expert_shards(engine, tmp / DS_TAG))  # no-op without EP
         (tmp / "rng").mkdir(exist_ok=True)
         rng_file = tmp / "rng" / f"rank_{rank:05d}.json"
@@ -267,7 +352,11 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         trash = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, trash)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(trash, final)  # the step saved before stays
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
@@ -326,7 +415,7 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
 def read_latest(root: Path) -> Path | None:
     """The folder named by `root/latest`, or None when there is no pointer."""
     pointer = root / LATEST_FILE
-    if not pointer.is_file():
+    if checkpoint_file(pointer) is None:
         return None
     name = pointer.read_text(encoding="utf-8").strip()
     if not _STEP_RE.match(name):
@@ -340,16 +429,16 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint folder from a step folder or a run folder (through `latest`, else the newest
     complete `step_N`)."""
     p = Path(path)
-    if (p / STATE_FILE).is_file() or _STEP_RE.match(p.name):
+    if checkpoint_file(p / STATE_FILE) or _STEP_RE.match(p.name):
         if not p.is_dir():
             raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
         return p
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist; give a run folder or a step_N folder")
     latest = read_latest(p)
-    if latest is not None and (latest / STATE_FILE).is_file():
+    if latest is not None and checkpoint_file(latest / STATE_FILE):
         return latest
-    complete = [d for _, d in step_dirs(p) if (d / STATE_FILE).is_file()]
+    complete = [d for _, d in step_dirs(p) if checkpoint_file(d / STATE_FILE)]
     if complete:
         return complete[-1]
     if latest is not None:
@@ -366,7 +455,7 @@ def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Path | None:
         recorded = str(read_state(p).get("tokenizer") or "")
         if recorded:
             names.insert(0, Path(recorded).name)  # the name the copy was saved under
-    return next((p / name for name in names if (p / name).is_file()), None)
+    return next((p / name for name in names if checkpoint_file(p / name)), None)
 
 
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike[str]) -> Path | None:
@@ -388,7 +477,7 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike[str]) -> Path | None
 def read_state(path: Path) -> dict[str, Any]:
     """state.json of a checkpoint folder."""
     f = path / STATE_FILE
-    if not f.is_file():
+    if checkpoint_file(f) is None:
         raise CheckpointError(
             f"checkpoint {path} is incomplete (no {STATE_FILE}); it was interrupted while saving"
         )
@@ -412,6 +501,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
     A damaged file raises `CheckpointError` naming it and the newest intact checkpoint of the same
     run folder (`newest_intact_checkpoint`) to use instead."""
     p = Path(path)
+    refuse_special_files(p)  # before anything is opened: a named pipe would block its reader
     if not (p / STATE_FILE).is_file():
         read_state(p)  # raises: incomplete
     if checksums:
@@ -518,7 +608,7 @@ def load_checkpoint(engine: Any, path: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"DeepSpeed found no engine state in {path / DS_TAG}")
     load_expert_shards(engine, path / DS_TAG)  # EP: DeepSpeed's module file holds rank 0's experts only
     rng_file = path / "rng" / f"rank_{rank:05d}.json"
-    if rng_file.is_file():
+    if checkpoint_file(rng_file):
         restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
     else:
         raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank} ({rng_file.name})")

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepsuite.checkpoint.atomic import remove_interrupted_saves
 from deepsuite.checkpoint.init_from import load_initial_weights, missing_source_error
 from deepsuite.checkpoint.manager import (
     CheckpointError,
@@ -39,6 +40,7 @@ from deepsuite.checkpoint.rng import seed_everything
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import config_to_dict, dump_config
 from deepsuite.config.schema import Config
+from deepsuite.data.files import leftovers_message
 from deepsuite.data.sampler import WindowSampler, eval_starts, rank_slice, windows_batch
 from deepsuite.data.shards import TokenShards, read_meta
 from deepsuite.data.tokenizer import Tokenizer, check_tokenizer
@@ -205,6 +207,8 @@ class Trainer:
 
         if self.dims.is_main:
             check_writable(self.ckpt_dir)
+            if removed := remove_interrupted_saves(self.ckpt_dir):  # saves of a killed run
+                _say(self.dims, leftovers_message(removed))
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / ".write-test").write_text("")
