@@ -1,5 +1,5 @@
 """prepare_fp8: which modules are converted (name filter, alignment, tying), backend fallbacks,
-stacked experts, and a short training run with native FP8 against bf16."""
+stacked experts, and a short native FP8 training run checked step by step against bf16."""
 
 from __future__ import annotations
 
@@ -143,29 +143,58 @@ def _pattern_batch(gen: torch.Generator, batch: int, seq: int, vocab: int) -> to
     return out % vocab
 
 
-def _train(fp8_on: bool, steps: int = 24) -> list[float]:
-    torch.manual_seed(0)
-    model = build_model(name="gpt", flavor="gpt2-debug")
-    if fp8_on:
-        assert prepare_fp8(model, FP8Config(enabled=True, backend="native")).enabled
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        data = _pattern_batch(gen, 8, 32, model.args.vocab_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(data[:, :-1], labels=data[:, 1:]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+# Per-token gradients of this 256-token batch are ~1000x those of a realistic 256k-token batch.
+# Scaling the loss down by that much puts the gradients where e5m2 needs its scale (with scale 1
+# they underflow to zero); AdamW's update does not depend on the loss scale.
+_REALISTIC_LOSS_SCALE = 2.0**-10
+
+
+def _loss_and_backward(model: nn.Module, data: torch.Tensor) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(data[:, :-1], labels=data[:, 1:]).loss
+    (loss * _REALISTIC_LOSS_SCALE).backward()
+    return loss.item()
+
+
+def _grad_rel(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> float:
+    """Relative error of the concatenated gradients of the first parameters against the second."""
+    got = torch.cat([p.grad.flatten() for p, _ in pairs])  # type: ignore[union-attr]
+    want = torch.cat([q.grad.flatten() for _, q in pairs])  # type: ignore[union-attr]
+    return _rel(got, want)
 
 
 def test_native_fp8_training_tracks_bf16() -> None:
-    """A few dozen steps: the FP8 loss falls like the bf16 one and ends close to it."""
-    bf16, f8 = _train(False), _train(True)
-    assert f8[-1] < 0.5 * f8[0]
-    assert bf16[-1] < 0.5 * bf16[0]
-    final_bf16, final_f8 = sum(bf16[-5:]) / 5, sum(f8[-5:]) / 5
-    assert abs(final_f8 - final_bf16) < 0.1 * final_bf16 + 0.05, (bf16[-5:], f8[-5:])
+    """Along a short native FP8 run, each step's loss and gradients agree with those of the bf16
+    model on the same weights and batch, to FP8 rounding, and the FP8 run learns.
+
+    Compared step by step, not as two separate runs judged by their final loss: at lr 1e-2 the
+    loss after 24 steps of this task moves by 0.3 and more under any change of rounding (fp32
+    instead of bf16 linears, other CPU kernels or thread counts), FP8 or not, and a model whose FP8
+    layers get no gradient at all still learns the pattern through its embedding.
+    """
+    torch.manual_seed(0)
+    model = build_model(name="gpt", flavor="gpt2-debug")
+    ref = build_model(name="gpt", flavor="gpt2-debug")  # nn.Linear under bf16 autocast
+    assert prepare_fp8(model, FP8Config(enabled=True, backend="native")).enabled
+    fp8_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    assert params.keys() == ref_params.keys() and len(fp8_weights) == 8
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    losses, wgrad_errors = [], []
+    for step in range(24):
+        data = _pattern_batch(gen, 8, 32, model.args.vocab_size)
+        ref.load_state_dict(model.state_dict())
+        loss, loss_ref = _loss_and_backward(model, data), _loss_and_backward(ref, data)
+        # measured on this CPU: loss within 0.5 %, gradients within 9 % at every step, 4 % on average
+        assert abs(loss - loss_ref) < 0.02 * loss_ref, (step, loss, loss_ref)
+        wgrad = _grad_rel([(params[n], ref_params[n]) for n in params if n in fp8_weights])
+        rest = _grad_rel([(params[n], ref_params[n]) for n in params if n not in fp8_weights])  # via dgrad
+        assert wgrad < 0.2 and rest < 0.2, (step, wgrad, rest)
+        wgrad_errors.append(wgrad)
+        opt.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        losses.append(loss)
+    assert sum(wgrad_errors) / len(wgrad_errors) < 0.08, wgrad_errors
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
