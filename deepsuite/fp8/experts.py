@@ -5,8 +5,12 @@
 replacements with the same forward signature (both subclasses, so ``isinstance`` checks in
 ``deepsuite.parallel`` still hold):
 
-* `Float8GroupedExperts` (native): the very same Parameters, each expert's two matmuls through
-  `float8_linear` (FP8 forward, dgrad and wgrad);
+* `Float8GroupedExperts` (native): the very same Parameters. On CUDA GPUs whose PyTorch has
+  ``torch._scaled_grouped_mm`` (Hopper), all experts' forward and dgrad GEMMs are two grouped FP8
+  GEMMs each way with rowwise e4m3 scales (the granularity that kernel takes, whatever the recipe
+  says for dense layers), the weight gradients one bf16 grouped GEMM per projection
+  (`_Float8GroupedMLP`); elsewhere each expert's matmuls go through `_scaled_mm` with the recipe's
+  scaling (`_Float8ExpertsMLP` for tensorwise, `float8_linear` per expert otherwise);
 * `TEGroupedExperts` (Transformer Engine): two ``te.GroupedLinear`` (``num_gemms = E``) with the
   weights copied, called with ``m_splits = counts``; token groups are padded to TE's FP8 alignment
   with ``te.Fp8Padding`` / ``te.Fp8Unpadding`` when the installed TE has them. Its parameters are
@@ -24,6 +28,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import logging
 from typing import Any
 
 import torch
@@ -31,8 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepsuite.fp8.native import Float8Recipe, float8_linear, scaled_matmul
-from deepsuite.fp8.quant import E4M3, TENSORWISE, Float8Quantized, amax_to_scale, cast_to_fp8
+from deepsuite.fp8.quant import E4M3, TENSORWISE, Float8Quantized, amax_to_scale, cast_to_fp8, fp8_max
 from deepsuite.fp8.te import keep_extra_state_out
+from deepsuite.layers.moe_kernels import (
+    Counts,
+    fused_elementwise,
+    group_offsets,
+    host_counts,
+    silu_mul,
+    silu_mul_backward,
+)
+
+logger = logging.getLogger(__name__)
 
 _ALIGN = 16
 _STACKED = {"gate_up": "gate_up_proj", "down": "down_proj"}  # TE module -> the plain stacked Parameter
@@ -133,6 +148,136 @@ class _Float8ExpertsMLP(torch.autograd.Function):
         return torch.cat(d_x), grad_w1, grad_w2, None, None, None
 
 
+def _rowwise_e4m3(x: torch.Tensor, margin: int, power_of_two: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(R, K)`` as e4m3 with one scale per row: the data and the dequantisation factors
+    ``(R,)`` (what ``torch._scaled_grouped_mm`` multiplies by)."""
+    m = fp8_max(E4M3)
+    amax = x.detach().abs().amax(dim=-1).float().clamp(min=1e-12)
+    scale = m / amax / (2.0**margin)
+    if power_of_two:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    data = (x.detach().float() * scale[:, None]).clamp(-m, m).to(E4M3)
+    return data, scale.reciprocal()
+
+
+def _quantize_rows(x: torch.Tensor, recipe: Float8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rowwise e4m3 of the 2-D ``x`` (a fused kernel on CUDA)."""
+    return fused_elementwise(_rowwise_e4m3, x.contiguous(), recipe.margin, recipe.power_of_two_scales)
+
+
+def _quantize_experts(w: torch.Tensor, recipe: Float8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked weights ``[E, N, K]``, each row quantised along K: data ``[E, K, N]`` column-major
+    (the grouped GEMM's second operand) and scales ``[E, N]``."""
+    n_experts, n, k = w.shape
+    data, scale = _quantize_rows(w.reshape(n_experts * n, k), recipe)
+    return data.view(n_experts, n, k).transpose(-2, -1), scale.view(n_experts, n)
+
+
+def _scaled_grouped(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """``out[rows of g] = (a · a_scale)[rows of g] @ (b[g] · b_scale[g])`` in bf16: ``a`` ``(S, K)``
+    e4m3 row-major, ``b`` ``[E, K, N]`` e4m3 column-major, ``offs`` the groups' end rows. CUDA:
+    ``torch._scaled_grouped_mm``; elsewhere the same products in fp32, one group at a time."""
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(a, b, a_scale, b_scale, offs=offs, out_dtype=torch.bfloat16)
+    out = a.new_empty(a.shape[0], b.shape[-1], dtype=torch.bfloat16)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            lhs = a[start:end].float() * a_scale[start:end, None]
+            out[start:end] = (lhs @ (b[g].float() * b_scale[g][None, :])).to(torch.bfloat16)
+        start = end
+    return out
+
+
+def _grouped_wgrad(grad_t: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``out[g] = grad_t[:, rows of g] @ x[rows of g]`` ``[E, N, K]`` (bf16 grouped GEMM); experts
+    with no rows get exact zeros."""
+    n_experts = offs.shape[0]
+    if x.is_cuda:
+        out = F.grouped_mm(grad_t, x, offs=offs)
+    else:
+        out = x.new_zeros(n_experts, grad_t.shape[0], x.shape[1])
+        start = 0
+        for g, end in enumerate(offs.tolist()):
+            if end > start:
+                out[g] = grad_t[:, start:end].float() @ x[start:end].float()
+            start = end
+    rows = torch.diff(offs, prepend=offs.new_zeros(1))
+    return torch.where((rows > 0)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class _Float8GroupedMLP(torch.autograd.Function):
+    """All routed experts' SwiGLU MLPs with grouped FP8 GEMMs (rowwise e4m3 scales).
+
+    Forward ``h = x W_gate_upᵀ``, ``a = silu(h_gate) ⊙ h_up``, ``y = a W_downᵀ`` and the two dgrad
+    GEMMs of backward each run as ONE grouped FP8 GEMM over all experts: activations and gradients
+    quantised per row (token), weights per output row (forward) and per input column (dgrad,
+    from the transposed weights). The weight gradients are bf16 grouped GEMMs: the FP8 kernel
+    for a contraction over the token groups needs each group padded to 16 rows. Counts stay on
+    the device (no host sync).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,  # (S, D), rows grouped by expert
+        w_gate_up: torch.Tensor,  # [E, 2I, D]
+        w_down: torch.Tensor,  # [E, D, I]
+        offs: torch.Tensor,  # (E,) int32 end rows
+        recipe: Float8Recipe,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        xq, xs = _quantize_rows(xb, recipe)
+        w1q, w1s = _quantize_experts(w_gate_up, recipe)  # [E, D, 2I] column-major
+        h = _scaled_grouped(xq, xs, w1q, w1s, offs)  # (S, 2I)
+        act = fused_elementwise(silu_mul, h)  # (S, I)
+        aq, a_s = _quantize_rows(act, recipe)
+        w2q, w2s = _quantize_experts(w_down, recipe)  # [E, I, D] column-major
+        y = _scaled_grouped(aq, a_s, w2q, w2s, offs)  # (S, D)
+        ctx.save_for_backward(xb, h, act, offs, w_gate_up, w_down)
+        ctx.recipe = recipe
+        ctx.x_dtype = x.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        xb, h, act, offs, w_gate_up, w_down = ctx.saved_tensors
+        recipe = ctx.recipe
+        gy = grad_y.contiguous().to(torch.bfloat16)  # (S, D)
+        gq, gs = _quantize_rows(gy, recipe)
+        w2tq, w2ts = _quantize_experts(w_down.transpose(1, 2), recipe)  # [E, D, I] column-major
+        d_act = _scaled_grouped(gq, gs, w2tq, w2ts, offs)  # (S, I)
+        grad_down = _grouped_wgrad(gy.t(), act, offs)  # [E, D, I]
+        d_h = fused_elementwise(silu_mul_backward, h, d_act)  # (S, 2I)
+        dhq, dhs = _quantize_rows(d_h, recipe)
+        w1tq, w1ts = _quantize_experts(w_gate_up.transpose(1, 2), recipe)  # [E, 2I, D] column-major
+        d_x = _scaled_grouped(dhq, dhs, w1tq, w1ts, offs)  # (S, D)
+        grad_gate_up = _grouped_wgrad(d_h.t(), xb, offs)  # [E, 2I, D]
+        return (
+            d_x.to(ctx.x_dtype),
+            grad_gate_up.to(w_gate_up.dtype),
+            grad_down.to(w_down.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def grouped_fp8_unusable_reason(device: torch.device) -> str | None:
+    """None where `_Float8GroupedMLP` runs on PyTorch's grouped FP8 kernel, else why not."""
+    if device.type != "cuda":
+        return f"no grouped FP8 GEMM on {device.type}"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        return f"torch._scaled_grouped_mm needs compute capability 9.0+, this GPU has {major}.{minor}"
+    return None
+
+
 def _save_stacked(
     module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
 ) -> None:
@@ -171,6 +316,10 @@ if GroupedExperts is not None:
         """``GroupedExperts`` whose per-expert matmuls run in FP8 (native path)."""
 
         recipe: Float8Recipe
+        # "auto": grouped FP8 GEMMs where grouped_fp8_unusable_reason says they run, else per
+        # expert; "grouped" forces them (off CUDA: emulated, for tests); "per_expert" never
+        grouped: str = "auto"
+        _grouped_failed: str | None = None
 
         @classmethod
         def from_experts(cls, experts: Any, recipe: Float8Recipe) -> Float8GroupedExperts:
@@ -184,15 +333,33 @@ if GroupedExperts is not None:
             new.train(experts.training)
             return new
 
-        def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        def _use_grouped(self, x: torch.Tensor) -> bool:
+            if self.grouped == "per_expert" or self.recipe.scaling == "block" or x.shape[0] == 0:
+                return False
+            if self.grouped == "grouped":
+                return True
+            return self._grouped_failed is None and grouped_fp8_unusable_reason(x.device) is None
+
+        def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
             """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+            device_type = x_sorted.device.type
+            out_dtype = (
+                torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type)
+                else x_sorted.dtype
+            )
+            if self._use_grouped(x_sorted):
+                args = (x_sorted.contiguous(), self.gate_up_proj, self.down_proj)
+                offs = group_offsets(counts, x_sorted.device)
+                try:
+                    return _Float8GroupedMLP.apply(*args, offs, self.recipe, out_dtype)
+                except RuntimeError as err:  # a kernel this GPU/PyTorch lacks: per-expert FP8 instead
+                    if self.grouped == "grouped":
+                        raise
+                    type(self)._grouped_failed = f"{type(err).__name__}: {str(err)[:200]}"
+                    logger.warning("grouped FP8 experts unavailable (%s); per-expert FP8 GEMMs", err)
+            counts = host_counts(counts)
             if self.recipe.scaling == "tensorwise" and x_sorted.shape[0] > 0:
-                device_type = x_sorted.device.type
-                out_dtype = (
-                    torch.get_autocast_dtype(device_type)
-                    if torch.is_autocast_enabled(device_type)
-                    else x_sorted.dtype
-                )
                 return _Float8ExpertsMLP.apply(
                     x_sorted.contiguous(),
                     self.gate_up_proj,
@@ -248,8 +415,9 @@ if GroupedExperts is not None:
             new.register_load_state_dict_pre_hook(_load_stacked)
             return new
 
-        def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
             """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+            counts = host_counts(counts)
             splits = list(counts)
             x = x_sorted
             if self.pad is not None:

@@ -10,8 +10,9 @@
 
 **Expert-parallel seam (DESIGN seam 2).** ``dispatcher`` is a plain object with two methods:
 
-* ``dispatch(x (N, D), indices (N, k)) -> (x_sorted (S, D), counts (E_local,) list[int], state)``:
+* ``dispatch(x (N, D), indices (N, k)) -> (x_sorted (S, D), counts (E_local,), state)``:
   the token copies that the *local* experts must process, grouped by local expert in order;
+  ``counts`` a host ``list[int]``, or a device tensor where no host needs them (one GPU);
 * ``combine(y_sorted (S, D), weights (N, k), state) -> (N, D)``: the weighted sum back in token order.
 
 `TokenDispatcher` is the single-device one (sort by expert, un-sort and sum back). `deepsuite.parallel`
@@ -30,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepsuite.layers.mlp import SwiGLU
-from deepsuite.layers.moe_kernels import gather_copies, permute_rows, select_kernel, swiglu_experts
+from deepsuite.layers.moe_kernels import (
+    Counts,
+    gather_copies,
+    permute_rows,
+    select_kernel,
+    swiglu_experts,
+)
 
 
 class MoERouter(nn.Module):
@@ -132,7 +139,7 @@ class GroupedExperts(nn.Module):
     def _kernel(self, x: torch.Tensor) -> str:
         return select_kernel(self.implementation, x, self.gate_up_proj, self.down_proj)
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
         """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
         return swiglu_experts(
             self._kernel(x_sorted),
@@ -156,21 +163,23 @@ class TokenDispatcher:
     summing each token's ``k`` weighted copies (deterministic, no atomics, gathers only).
 
     The state passed from ``dispatch`` to ``combine`` is ``(order, inverse)``: the stable sort of
-    the flattened expert ids and its inverse permutation.
+    the flattened expert ids and its inverse permutation. On CUDA the counts stay a device tensor:
+    the grouped GEMMs read them there, so routing costs no host sync.
     """
 
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, list[int], Any]:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, Counts, Any]:
         """Token copies ``(N·k, D)`` sorted by expert, rows per expert, and the permutation."""
         top_k = indices.shape[1]
         flat = indices.flatten()  # (N·k,)
         order = flat.argsort(stable=True)  # copy positions, grouped by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        return gather_copies(x, order, inverse, top_k), counts, (order, inverse)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        rows: Counts = counts if x.is_cuda else counts.tolist()
+        return gather_copies(x, order, inverse, top_k), rows, (order, inverse)
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state: Any) -> torch.Tensor:
         """``out[t] = Σ_j weights[t, j] · y(copy j of t)`` as ``(N, D)``."""

@@ -6,7 +6,9 @@ differ in speed only (tests/unit/test_moe.py checks each against a float64 loop)
 
 * ``"cpu_split"``: `_CPUExpertsMLP`, each expert's GEMMs as one batched GEMM over
   ``min(threads, rows // min_rows_per_split)`` equal row blocks (CPU, fp32/fp64, no autocast);
-* ``"grouped_mm"``: one ``F.grouped_mm`` per projection (where PyTorch has the kernel);
+* ``"grouped_mm"``: one ``F.grouped_mm`` per projection (where PyTorch has the kernel); ``counts``
+  may then be a device tensor (no host sync), and on CUDA the SwiGLU between the two GEMMs is one
+  fused kernel each way (`swiglu_act`, compiled) that keeps only the GEMM output for backward;
 * ``"loop"``: dense matmuls over the contiguous slices, the reference;
 * ``"auto"``: the first of these that applies (`select_kernel`).
 
@@ -15,10 +17,17 @@ Why the CPU kernel exists, with measurements: docs/benchmarks.md ("MoE experts o
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+Counts = Sequence[int] | torch.Tensor  # rows per expert: host list, or a device tensor (grouped_mm only)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -60,10 +69,79 @@ def select_kernel(
     return "loop"
 
 
+def group_offsets(counts: Counts, device: torch.device) -> torch.Tensor:
+    """End row of each expert's block, int32 on ``device`` (``F.grouped_mm``'s ``offs``)."""
+    if isinstance(counts, torch.Tensor):
+        return counts.to(device).cumsum(0, dtype=torch.int32)
+    return torch.tensor(list(counts), device=device).cumsum(0).to(torch.int32)
+
+
+def host_counts(counts: Counts) -> list[int]:
+    """``counts`` as a host list (one device sync when they are a device tensor)."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) ⊙ up`` of ``h = [gate | up]`` in fp32, rounded once to ``h.dtype``."""
+    gate, up = h.to(torch.promote_types(h.dtype, torch.float32)).chunk(2, dim=-1)
+    return F.silu(gate).mul(up).to(h.dtype)
+
+
+def silu_mul_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``[d gate | d up]`` of `silu_mul` at ``h`` for the output gradient ``grad``."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    gate, up = h.to(dtype).chunk(2, dim=-1)
+    g = grad.to(dtype)
+    sig = torch.sigmoid(gate)
+    d_gate = g * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, g * gate * sig], dim=-1).to(h.dtype)
+
+
+@functools.cache
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # one fused elementwise kernel per direction; rows vary from step to step, hence dynamic
+    return torch.compile(fn, dynamic=True)
+
+
+def fused_elementwise(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, compiled into fused kernels when ``args[0]`` is on CUDA (eager elsewhere, and
+    where compiling fails)."""
+    if args[0].is_cuda and _FUSE_ON_CUDA[0]:
+        try:
+            return _compiled(fn)(*args)
+        except Exception as err:  # no Triton / inductor here: the eager ops compute the same
+            _FUSE_ON_CUDA[0] = False
+            logger.warning("fused SwiGLU kernels unavailable (%s); using eager ops", err)
+    return fn(*args)
+
+
+_FUSE_ON_CUDA = [True]
+
+
+class _SwiGLUAct(torch.autograd.Function):
+    """``silu(gate) ⊙ up`` of ``h = [gate | up]`` ``(S, 2I)``; saves only ``h`` (no ``silu(gate)``)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return fused_elementwise(silu_mul, h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        return fused_elementwise(silu_mul_backward, h, grad.contiguous())
+
+
+def swiglu_act(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) ⊙ up`` for ``h = [gate | up]`` ``(S, 2I)`` -> ``(S, I)``, one fused kernel each way
+    on CUDA (computed in fp32, rounded once)."""
+    return _SwiGLUAct.apply(h)
+
+
 def swiglu_experts(
     kernel: str,
     x_sorted: torch.Tensor,
-    counts: list[int],
+    counts: Counts,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     *,
@@ -72,24 +150,30 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """Expert ``e``'s SwiGLU on its ``counts[e]`` rows of ``x_sorted`` ``(S, D)``: ``(S, D)``.
 
+    ``counts`` may be a device tensor; only the ``grouped_mm`` kernel uses it without a host sync.
     ``gate_up_proj`` ``[E, 2I, D]``, ``down_proj`` ``[E, D, I]``; ``threads`` (default
     ``torch.get_num_threads()``) and ``min_rows_per_split`` size the ``cpu_split`` blocks.
     """
     if kernel == "cpu_split":
         threads = threads or torch.get_num_threads()
-        splits = tuple(max(1, min(threads, n // min_rows_per_split)) for n in counts)
-        return _CPUExpertsMLP.apply(x_sorted.contiguous(), gate_up_proj, down_proj, tuple(counts), splits)
+        rows = host_counts(counts)
+        splits = tuple(max(1, min(threads, n // min_rows_per_split)) for n in rows)
+        return _CPUExpertsMLP.apply(x_sorted.contiguous(), gate_up_proj, down_proj, tuple(rows), splits)
     if kernel == "grouped_mm" and x_sorted.shape[0] > 0:
         w_gate_up, w_down = gate_up_proj, down_proj
         if x_sorted.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             # autocast does not cover grouped_mm: cast as it would for F.linear (CUDA kernels are bf16)
             dtype = torch.get_autocast_dtype("cuda")
             x_sorted, w_gate_up, w_down = x_sorted.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-        offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+        offs = group_offsets(counts, x_sorted.device)
         h = F.grouped_mm(x_sorted, w_gate_up.transpose(-2, -1), offs=offs)  # (S, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (S, D)
-    return _loop(x_sorted, counts, gate_up_proj, down_proj)
+        if h.is_cuda:
+            act = swiglu_act(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return F.grouped_mm(act, w_down.transpose(-2, -1), offs=offs)  # (S, D)
+    return _loop(x_sorted, host_counts(counts), gate_up_proj, down_proj)
 
 
 def _loop(

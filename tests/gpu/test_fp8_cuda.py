@@ -148,6 +148,7 @@ def test_grouped_fp8_experts_on_cuda_match_the_cpu_emulated_kernels() -> None:
         base = GroupedExperts(6, 256, 128).to(device)
         base.load_state_dict(ref.state_dict())
         experts = Float8GroupedExperts.from_experts(base, Float8Recipe("tensorwise"))
+        experts.grouped = "per_expert"  # the tensorwise kernels on both devices
         x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(1)).to(device)
         x.requires_grad_(True)
         y = experts(x, counts)
@@ -157,3 +158,66 @@ def test_grouped_fp8_experts_on_cuda_match_the_cpu_emulated_kernels() -> None:
         ]
     for got, want in zip(results["cuda"], results["cpu"]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@needs_hopper
+def test_grouped_scaled_mm_experts_match_their_cpu_emulation_and_bf16() -> None:
+    """`_Float8GroupedMLP` on ``torch._scaled_grouped_mm`` (chosen by "auto" on Hopper) computes
+    what its CPU emulation computes from the same operands (bf16 output rounding apart), with
+    device-side counts, an expert without rows (zero gradients) and groups not multiples of 16;
+    and stays within FP8 error of the bf16 grouped experts."""
+    from deepsuite.fp8.experts import Float8GroupedExperts, grouped_fp8_unusable_reason
+    from deepsuite.fp8.native import Float8Recipe
+    from deepsuite.layers.moe import GroupedExperts
+
+    assert grouped_fp8_unusable_reason(torch.device("cuda")) is None
+    torch.manual_seed(0)
+    counts = [40, 0, 129, 3, 77, 16]
+    ref = GroupedExperts(6, 256, 128)
+    ref.init_weights(0.1)
+    x0 = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for label, device, grouped in (
+        ("cpu", "cpu", "grouped"),
+        ("cuda", "cuda", "auto"),
+        ("bf16", "cuda", None),
+    ):
+        base = GroupedExperts(6, 256, 128).to(device)
+        base.load_state_dict(ref.state_dict())
+        experts = base
+        if grouped is not None:
+            experts = Float8GroupedExperts.from_experts(base, Float8Recipe("rowwise"))
+            experts.grouped = grouped
+        x = x0.detach().to(device).clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = experts(x, torch.tensor(counts, device=device))
+        y.float().backward(torch.ones_like(y, dtype=torch.float32))
+        assert float(base.gate_up_proj.grad[1].abs().max()) == 0.0
+        results[label] = [
+            t.detach().cpu().double() for t in (y, x.grad, base.gate_up_proj.grad, base.down_proj.grad)
+        ]
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert _rel(got, want) < 2e-2
+    for got, want in zip(results["cuda"], results["bf16"]):
+        assert _rel(got, want) < 0.1
+
+
+def test_grouped_mm_with_device_counts_matches_the_loop() -> None:
+    """bf16 experts on CUDA: `TokenDispatcher` keeps the counts on the device and the grouped GEMMs
+    with the fused SwiGLU give the per-expert loop's outputs and gradients."""
+    from deepsuite.layers.moe import DeepSeekMoE
+
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(256, 8, 1, 2, 128, n_expert_groups=2, n_limited_groups=1).cuda().bfloat16()
+    moe.init_weights(0.05)
+    x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for impl in ("auto", "loop"):
+        moe.zero_grad(set_to_none=True)
+        moe.experts.implementation = impl
+        xi = x.clone().requires_grad_(True)
+        y = moe(xi)
+        y.float().square().mean().backward()
+        outs[impl] = [y.float(), xi.grad.float(), moe.experts.gate_up_proj.grad.float()]
+    for got, want in zip(outs["auto"], outs["loop"]):
+        assert _rel(got, want) < 2e-2

@@ -355,3 +355,29 @@ def test_auto_kernel_choice() -> None:
     assert experts.implementation == "loop" and experts._kernel(x32) == "loop"
     experts.use_grouped_mm = True
     assert experts.implementation == "auto"
+
+
+def test_swiglu_act_gradient_in_float64() -> None:
+    """The fused SwiGLU activation (the grouped path's, one kernel each way on CUDA) has the
+    analytic gradient of ``silu(gate) * up``."""
+    from deepsuite.layers.moe_kernels import swiglu_act
+
+    h = torch.randn(7, 2 * 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_act, (h,))
+
+
+def test_grouped_mm_takes_counts_as_a_tensor() -> None:
+    """The grouped_mm kernel reads the rows per expert from a tensor (no host list needed) and gives
+    the loop's results; the other kernels accept a tensor too."""
+    from deepsuite.layers.moe_kernels import grouped_mm_supported, swiglu_experts
+
+    torch.manual_seed(0)
+    counts = [3, 0, 9, 4]
+    w1 = torch.randn(4, 2 * 8, 16) * 0.1
+    w2 = torch.randn(4, 16, 8) * 0.1
+    x = torch.randn(sum(counts), 16)
+    want = swiglu_experts("loop", x, counts, w1, w2)
+    kernels = ["loop", "cpu_split"] + (["grouped_mm"] if grouped_mm_supported(x) else [])
+    for kernel in kernels:
+        got = swiglu_experts(kernel, x, torch.tensor(counts), w1, w2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

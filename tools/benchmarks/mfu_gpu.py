@@ -34,12 +34,20 @@ from common import RESULTS_DIR, cuda_peak_memory_mb, env_info, matmul_peak_flops
 # ~1.0B parameters: 12 · 18 · 2048² = 906M in blocks + 103M tied embedding (GPT-2 vocab padded to 64).
 GPT_1B = dict(vocab_size=50304, max_seq_len=2048, d_model=2048, n_layers=18, n_heads=16, dropout=0.0)
 
+# d 4096 GPT, 32 heads, d_ffn 4·d: the layer shape of an 8B model, 4 layers
+GPT_D4096 = dict(vocab_size=50304, max_seq_len=2048, d_model=4096, n_layers=4, n_heads=32, dropout=0.0)
+
 # name -> (family, flavor, overrides, batch, sequence length, torch.compile of blocks allowed)
 MODELS: dict[str, tuple[str, str, dict[str, Any], int, int, bool]] = {
     "gpt-1b": ("gpt", "gpt2-xl", GPT_1B, 16, 2048, True),  # batch 16: 69 % MFU bf16 on an H200
     # compiled blocks run the routed experts eagerly (DeepSeekMoE._routed): no per-routing recompiles
     "dsv3-small": ("deepseek_v3", "deepseek-v3-small", {}, 16, 2048, True),
     "dsv3-large": ("deepseek_v3", "deepseek-v3-large", {}, 8, 2048, True),
+    # issue 17's shapes: d 2048 with 64 experts top-6 (16k tokens a step), and 4 layers of an 8B GPT.
+    # 12 of deepseek-v3-xl's 24 layers: fp32 masters + grads + Adam moments of all 7.9B parameters
+    # (127 GB) leave no room for activations on one GPU; MFU per token is a per-layer figure
+    "dsv3-xl": ("deepseek_v3", "deepseek-v3-xl", {"n_layers": 12}, 8, 2048, True),
+    "gpt-d4096": ("gpt", "gpt2-xl", GPT_D4096, 8, 2048, True),
 }
 
 
