@@ -26,7 +26,6 @@ A module is converted when its name passes ``fp8.exclude`` and D and I are multi
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import itertools
 import logging
 from typing import Any
@@ -38,6 +37,7 @@ from torch import nn
 from deepsuite.fp8.native import Float8Recipe, float8_linear, scaled_matmul
 from deepsuite.fp8.quant import E4M3, TENSORWISE, Float8Quantized, amax_to_scale, cast_to_fp8, fp8_max
 from deepsuite.fp8.te import keep_extra_state_out
+from deepsuite.layers.moe import GroupedExperts
 from deepsuite.layers.moe_kernels import (
     Counts,
     fused_elementwise,
@@ -299,141 +299,134 @@ def _load_stacked(module: Any, state_dict: dict[str, Any], prefix: str, *_: Any)
                 state_dict[f"{prefix}{proj}.weight{e}"] = weight
 
 
-def _grouped_experts_cls() -> type[nn.Module] | None:
-    if importlib.util.find_spec("deepsuite.layers.moe") is None:
-        return None
-    from deepsuite.layers.moe import GroupedExperts
+class Float8GroupedExperts(GroupedExperts):
+    """``GroupedExperts`` whose per-expert matmuls run in FP8 (native path)."""
 
-    return GroupedExperts
+    recipe: Float8Recipe
+    # "auto": grouped FP8 GEMMs where grouped_fp8_unusable_reason says they run, else per
+    # expert; "grouped" forces them (off CUDA: emulated, for tests); "per_expert" never
+    grouped: str = "auto"
+    _grouped_failed: str | None = None
 
+    @classmethod
+    def from_experts(cls, experts: Any, recipe: Float8Recipe) -> Float8GroupedExperts:
+        """Share ``experts``' Parameters (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.d_model, new.d_ffn = experts.n_experts, experts.d_model, experts.d_ffn
+        new.gate_up_proj = experts.gate_up_proj
+        new.down_proj = experts.down_proj
+        new.recipe = recipe
+        new.train(experts.training)
+        return new
 
-GroupedExperts = _grouped_experts_cls()
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.grouped == "per_expert" or self.recipe.scaling == "block" or x.shape[0] == 0:
+            return False
+        if self.grouped == "grouped":
+            return True
+        return self._grouped_failed is None and grouped_fp8_unusable_reason(x.device) is None
 
-
-if GroupedExperts is not None:
-
-    class Float8GroupedExperts(GroupedExperts):  # type: ignore[misc,valid-type]
-        """``GroupedExperts`` whose per-expert matmuls run in FP8 (native path)."""
-
-        recipe: Float8Recipe
-        # "auto": grouped FP8 GEMMs where grouped_fp8_unusable_reason says they run, else per
-        # expert; "grouped" forces them (off CUDA: emulated, for tests); "per_expert" never
-        grouped: str = "auto"
-        _grouped_failed: str | None = None
-
-        @classmethod
-        def from_experts(cls, experts: Any, recipe: Float8Recipe) -> Float8GroupedExperts:
-            """Share ``experts``' Parameters (no copy)."""
-            new = cls.__new__(cls)
-            nn.Module.__init__(new)
-            new.n_experts, new.d_model, new.d_ffn = experts.n_experts, experts.d_model, experts.d_ffn
-            new.gate_up_proj = experts.gate_up_proj
-            new.down_proj = experts.down_proj
-            new.recipe = recipe
-            new.train(experts.training)
-            return new
-
-        def _use_grouped(self, x: torch.Tensor) -> bool:
-            if self.grouped == "per_expert" or self.recipe.scaling == "block" or x.shape[0] == 0:
-                return False
-            if self.grouped == "grouped":
-                return True
-            return self._grouped_failed is None and grouped_fp8_unusable_reason(x.device) is None
-
-        def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
-            """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
-            device_type = x_sorted.device.type
-            out_dtype = (
-                torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type)
-                else x_sorted.dtype
+    def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
+        """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+        device_type = x_sorted.device.type
+        out_dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else x_sorted.dtype
+        )
+        if self._use_grouped(x_sorted):
+            args = (x_sorted.contiguous(), self.gate_up_proj, self.down_proj)
+            offs = group_offsets(counts, x_sorted.device)
+            try:
+                return _Float8GroupedMLP.apply(*args, offs, self.recipe, out_dtype)
+            except RuntimeError as err:  # a kernel this GPU/PyTorch lacks: per-expert FP8 instead
+                if self.grouped == "grouped":
+                    raise
+                type(self)._grouped_failed = f"{type(err).__name__}: {str(err)[:200]}"
+                logger.warning("grouped FP8 experts unavailable (%s); per-expert FP8 GEMMs", err)
+        counts = host_counts(counts)
+        if self.recipe.scaling == "tensorwise" and x_sorted.shape[0] > 0:
+            return _Float8ExpertsMLP.apply(
+                x_sorted.contiguous(),
+                self.gate_up_proj,
+                self.down_proj,
+                tuple(counts),
+                self.recipe,
+                out_dtype,
             )
-            if self._use_grouped(x_sorted):
-                args = (x_sorted.contiguous(), self.gate_up_proj, self.down_proj)
-                offs = group_offsets(counts, x_sorted.device)
-                try:
-                    return _Float8GroupedMLP.apply(*args, offs, self.recipe, out_dtype)
-                except RuntimeError as err:  # a kernel this GPU/PyTorch lacks: per-expert FP8 instead
-                    if self.grouped == "grouped":
-                        raise
-                    type(self)._grouped_failed = f"{type(err).__name__}: {str(err)[:200]}"
-                    logger.warning("grouped FP8 experts unavailable (%s); per-expert FP8 GEMMs", err)
-            counts = host_counts(counts)
-            if self.recipe.scaling == "tensorwise" and x_sorted.shape[0] > 0:
-                return _Float8ExpertsMLP.apply(
-                    x_sorted.contiguous(),
-                    self.gate_up_proj,
-                    self.down_proj,
-                    tuple(counts),
-                    self.recipe,
-                    out_dtype,
-                )
-            outputs = []
-            # rowwise / block scaling: each expert through float8_linear. split and unbind: the
-            # backward writes each expert's gradient slice once (slicing or indexing [e] would
-            # materialise a full-size zero gradient per expert)
-            slices = x_sorted.split(list(counts))
-            for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
-                if xe.shape[0] == 0:
-                    continue
-                gate, up = float8_linear(xe, w_gate_up, None, self.recipe).chunk(2, dim=-1)  # (n, I) each
-                outputs.append(float8_linear(F.silu(gate) * up, w_down, None, self.recipe))  # (n, D)
-            if not outputs:
-                # no rows here (possible under EP): zero gradients for every weight, as the plain
-                # experts give, so every replica's expert gradient hooks fire alike
-                weights_sum = self.gate_up_proj.sum() + self.down_proj.sum()
-                return x_sorted.new_zeros(0, self.d_model) + 0 * (x_sorted.sum() + weights_sum)
-            return torch.cat(outputs, dim=0)  # (S, D)
+        outputs = []
+        # rowwise / block scaling: each expert through float8_linear. split and unbind: the
+        # backward writes each expert's gradient slice once (slicing or indexing [e] would
+        # materialise a full-size zero gradient per expert)
+        slices = x_sorted.split(list(counts))
+        for xe, w_gate_up, w_down in zip(slices, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
+            if xe.shape[0] == 0:
+                continue
+            gate, up = float8_linear(xe, w_gate_up, None, self.recipe).chunk(2, dim=-1)  # (n, I) each
+            outputs.append(float8_linear(F.silu(gate) * up, w_down, None, self.recipe))  # (n, D)
+        if not outputs:
+            # no rows here (possible under EP): zero gradients for every weight, as the plain
+            # experts give, so every replica's expert gradient hooks fire alike
+            weights_sum = self.gate_up_proj.sum() + self.down_proj.sum()
+            return x_sorted.new_zeros(0, self.d_model) + 0 * (x_sorted.sum() + weights_sum)
+        return torch.cat(outputs, dim=0)  # (S, D)
 
-        def extra_repr(self) -> str:
-            return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ffn={self.d_ffn}, scaling={self.recipe.scaling}"
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ffn={self.d_ffn}, scaling={self.recipe.scaling}"
 
-    class TEGroupedExperts(GroupedExperts):  # type: ignore[misc,valid-type]
-        """``GroupedExperts`` on two ``te.GroupedLinear`` (Transformer Engine path)."""
 
-        @classmethod
-        def from_experts(cls, experts: Any) -> TEGroupedExperts:
-            """New TE modules with ``experts``' weights copied (build the optimizer afterwards)."""
-            te = importlib.import_module("transformer_engine.pytorch")
-            new = cls.__new__(cls)
-            nn.Module.__init__(new)
-            n, d, i = experts.n_experts, experts.d_model, experts.d_ffn
-            new.n_experts, new.d_model, new.d_ffn = n, d, i
-            w_gu, w_down = experts.gate_up_proj, experts.down_proj  # [E, 2I, D], [E, D, I]
-            kw: dict[str, Any] = {"bias": False, "params_dtype": w_gu.dtype, "device": w_gu.device}
-            new.gate_up = keep_extra_state_out(te.GroupedLinear(n, d, 2 * i, **kw))
-            new.down = keep_extra_state_out(te.GroupedLinear(n, i, d, **kw))
-            with torch.no_grad():
-                for e in range(n):
-                    getattr(new.gate_up, f"weight{e}").copy_(w_gu[e])
-                    getattr(new.down, f"weight{e}").copy_(w_down[e])
-            has_padding = hasattr(te, "Fp8Padding") and hasattr(te, "Fp8Unpadding")
-            new.pad = te.Fp8Padding(n) if has_padding else None
-            new.unpad = te.Fp8Unpadding(n) if has_padding else None
-            new.train(experts.training)
-            new.register_state_dict_post_hook(_save_stacked)
-            new.register_load_state_dict_pre_hook(_load_stacked)
-            return new
+class TEGroupedExperts(GroupedExperts):
+    """``GroupedExperts`` on two ``te.GroupedLinear`` (Transformer Engine path)."""
 
-        def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
-            """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
-            counts = host_counts(counts)
-            splits = list(counts)
-            x = x_sorted
-            if self.pad is not None:
-                x, splits = self.pad(x_sorted, splits)  # each group padded to the FP8 GEMM alignment
-            gate, up = self.gate_up(x, m_splits=splits).chunk(2, dim=-1)  # (S', I) each
-            y = self.down(F.silu(gate) * up, m_splits=splits)  # (S', D)
-            if self.unpad is not None:
-                y = self.unpad(y, list(counts))
-            return y
+    gate_up: Any  # te.GroupedLinear
+    down: Any
+    pad: Any  # te.Fp8Padding / Fp8Unpadding, or None on a TE without them
+    unpad: Any
 
-        @torch.no_grad()
-        def init_weights(self, std: float = 0.02) -> None:
-            """Normal(0, std) weights."""
-            for e in range(self.n_experts):
-                nn.init.normal_(getattr(self.gate_up, f"weight{e}"), mean=0.0, std=std)
-                nn.init.normal_(getattr(self.down, f"weight{e}"), mean=0.0, std=std)
+    @classmethod
+    def from_experts(cls, experts: Any) -> TEGroupedExperts:
+        """New TE modules with ``experts``' weights copied (build the optimizer afterwards)."""
+        te = importlib.import_module("transformer_engine.pytorch")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        n, d, i = experts.n_experts, experts.d_model, experts.d_ffn
+        new.n_experts, new.d_model, new.d_ffn = n, d, i
+        w_gu, w_down = experts.gate_up_proj, experts.down_proj  # [E, 2I, D], [E, D, I]
+        kw: dict[str, Any] = {"bias": False, "params_dtype": w_gu.dtype, "device": w_gu.device}
+        new.gate_up = keep_extra_state_out(te.GroupedLinear(n, d, 2 * i, **kw))
+        new.down = keep_extra_state_out(te.GroupedLinear(n, i, d, **kw))
+        with torch.no_grad():
+            for e in range(n):
+                getattr(new.gate_up, f"weight{e}").copy_(w_gu[e])
+                getattr(new.down, f"weight{e}").copy_(w_down[e])
+        has_padding = hasattr(te, "Fp8Padding") and hasattr(te, "Fp8Unpadding")
+        new.pad = te.Fp8Padding(n) if has_padding else None
+        new.unpad = te.Fp8Unpadding(n) if has_padding else None
+        new.train(experts.training)
+        new.register_state_dict_post_hook(_save_stacked)
+        new.register_load_state_dict_pre_hook(_load_stacked)
+        return new
+
+    def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
+        """``x_sorted`` ``(S, D)`` grouped by expert, ``counts[e]`` rows each; returns ``(S, D)``."""
+        counts = host_counts(counts)
+        splits = list(counts)
+        x = x_sorted
+        if self.pad is not None:
+            x, splits = self.pad(x_sorted, splits)  # each group padded to the FP8 GEMM alignment
+        gate, up = self.gate_up(x, m_splits=splits).chunk(2, dim=-1)  # (S', I) each
+        y = self.down(F.silu(gate) * up, m_splits=splits)  # (S', D)
+        if self.unpad is not None:
+            y = self.unpad(y, list(counts))
+        return y
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights."""
+        for e in range(self.n_experts):
+            nn.init.normal_(getattr(self.gate_up, f"weight{e}"), mean=0.0, std=std)
+            nn.init.normal_(getattr(self.down, f"weight{e}"), mean=0.0, std=std)
 
 
 def convert_grouped_experts(
@@ -443,8 +436,6 @@ def convert_grouped_experts(
     returns the names converted and the names skipped with the reason."""
     converted: list[str] = []
     skipped: dict[str, str] = {}
-    if GroupedExperts is None:
-        return converted, skipped
     found = [
         (name, m)
         for name, m in model.named_modules()
