@@ -293,29 +293,13 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 def _model_and_tokenizer(source: str, verify: bool = True) -> tuple[typing.Any, typing.Any]:
     """The model in `source` (an HF or deepsuite model folder, a run folder or a step_N folder) and
     the tokenizer stored with it; checked against its checksums first (``verify``)."""
-    from deepsuite.checkpoint.atomic import checkpoint_file
-    from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
-    from deepsuite.checkpoint.hf import load_hf
-    from deepsuite.checkpoint.hf_io import folder_tokenizer, load_model
-    from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint
+    from deepsuite.checkpoint.init_from import load_source_model
     from deepsuite.data.tokenizer import Tokenizer
 
-    path = Path(source)
-    model: typing.Any
-    if checkpoint_file(path / "config.json") or checkpoint_file(path / "model.yaml"):
-        if checkpoint_file(path / "config.json"):
-            model = load_hf(path, verify=verify)
-        else:
-            model = load_model(path, verify=verify)
-        tok_file = folder_tokenizer(path)
-    else:
-        path = find_checkpoint(path)
-        model, state, _ = load_model_from_checkpoint(path, verify=verify)
-        recorded = state.get("tokenizer")  # the data folder's file, where the checkpoint kept no copy
-        tok_file = checkpoint_tokenizer(path) or (Path(recorded) if recorded else None)
+    model, _, tok_file = load_source_model(Path(source), verify=verify)
     if tok_file is None:
         raise ConfigError(
-            f"{path} holds no tokenizer (tokenizer.model or tokenizer.json); export the model from its training "
+            f"{source} holds no tokenizer (tokenizer.model or tokenizer.json); export the model from its training "
             "run (deepsuite convert ... copies the run's tokenizer) or copy the tokenizer into the folder"
         )
     return model, Tokenizer(tok_file)

@@ -26,20 +26,27 @@ from torch import nn
 from deepsuite.checkpoint.atomic import checkpoint_file
 from deepsuite.checkpoint.consolidate import load_model_from_checkpoint
 from deepsuite.checkpoint.hf import load_hf
-from deepsuite.checkpoint.hf_io import MODEL_YAML, load_model
+from deepsuite.checkpoint.hf_io import MODEL_YAML, folder_tokenizer, load_model
+from deepsuite.checkpoint.manager import checkpoint_tokenizer, find_checkpoint
 from deepsuite.config.errors import ConfigError
 
 # fields that change training, not the function the weights compute
 _TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "balance_loss_alpha", "mtp_depth"})
 
 
-def _load_source(path: Path, verify: bool) -> tuple[nn.Module, str]:
+def load_source_model(path: Path, verify: bool = True) -> tuple[nn.Module, str, Path | None]:
+    """The model in ``path`` (an HF folder, a deepsuite model folder, a run or a step_N folder),
+    what kind of folder that is, and the tokenizer file stored with it (None where it has none);
+    its files checked against their checksums first (``verify``)."""
     if checkpoint_file(path / "config.json"):
-        return load_hf(path, verify=verify), "Hugging Face folder"
+        return load_hf(path, verify=verify), "Hugging Face folder", folder_tokenizer(path)
     if checkpoint_file(path / MODEL_YAML):
-        return load_model(path, verify=verify), "deepsuite model folder"
-    model, _, _ = load_model_from_checkpoint(path, verify=verify)
-    return model, "training checkpoint"
+        return load_model(path, verify=verify), "deepsuite model folder", folder_tokenizer(path)
+    step = find_checkpoint(path)
+    model, state, _ = load_model_from_checkpoint(step, verify=verify)
+    recorded = state.get("tokenizer")  # the data folder's file, where the checkpoint kept no copy
+    tokenizer = checkpoint_tokenizer(step) or (Path(recorded) if recorded else None)
+    return model, "training checkpoint", tokenizer
 
 
 def _architecture_mismatches(ours: Any, theirs: Any) -> list[str]:
@@ -78,7 +85,7 @@ def load_initial_weights(model: nn.Module, init_from: str, verify: bool = True) 
     path = Path(init_from)
     if not path.exists():
         raise missing_source_error(init_from)
-    source, kind = _load_source(path, verify)
+    source, kind, _ = load_source_model(path, verify)
     ours, theirs = getattr(model, "args", None), getattr(source, "args", None)
     if ours is None or theirs is None:
         raise ConfigError(f"checkpoint.init_from={init_from!r}: cannot compare architectures (no model args)")
