@@ -55,7 +55,7 @@ from deepsuite.checkpoint.manager import (
 from deepsuite.config.schema import Config
 from deepsuite.models.registry import build_model
 from deepsuite.parallel.deepspeed import import_deepspeed, safe_torch_load
-from deepsuite.parallel.expert_parallel import EXPERT_SHARD_GLOB
+from deepsuite.parallel.expert_parallel import EXPERT_SHARD_GLOB, full_experts_from_shards
 
 STACKED_PARAMETERS = "stacked_parameters"
 _SHARD_RE = re.compile(r"expert_shard_ep(\d+)_of(\d+)\.pt$")
@@ -132,7 +132,8 @@ def consolidated_state_dict(
     model_states = safe_torch_load(states_files[0], map_location="cpu")
     plan = stacked_parameters(model_states["module"])
     ep = expert_parallel_size(tag_dir)
-    if ep > 1:
+    zero3 = int(((model_states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)) == 3
+    if ep > 1 and not zero3:
         return _stack(_consolidate_ep_zero12(tag_dir, ep, model_states), plan)
     if not any(tag_dir.glob("*_optim_states.pt")):  # ZeRO-0 keeps everything in the model states file
         return _consolidate_zero0(tag_dir, model_states, plan, (state or {}).get("optimizer_param_names"))
@@ -143,6 +144,8 @@ def consolidated_state_dict(
     # `generate` / `convert`: kept out of stdout
     with contextlib.redirect_stdout(io.StringIO()):
         merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if ep > 1:  # ZeRO-3 × EP: the experts were held outside ZeRO, whole per EP rank, in the shard files
+        merged.update(full_experts_from_shards(tag_dir, ep))
     return _stack({k: _fp32(v) for k, v in merged.items()}, plan)
 
 

@@ -8,9 +8,11 @@
    pair to the rank that holds the expert with ``all_to_all_single`` (uneven splits), runs the
    local experts on contiguous per-expert slices, and brings the results back with the reverse
    all-to-all before the routing-weighted combine,
-3. tags the local expert parameters for DeepSpeed (``allreduce=False``, ``group_name``) and
-   attaches a parameter-free ``deepspeed.moe.layer.MoE`` registration, so the DeepSpeed engine
-   reduces expert gradients over the expert-data-parallel group only (see `groups`).
+3. under ZeRO-1/2: tags the local expert parameters for DeepSpeed (``allreduce=False``,
+   ``group_name``) and attaches a parameter-free ``deepspeed.moe.layer.MoE`` registration, so the
+   DeepSpeed engine reduces expert gradients over the expert-data-parallel group only (see `groups`);
+   under ZeRO-3: holds the local experts out of the engine (`HeldExperts`): whole on each EP rank,
+   replicated over its expert-data-parallel group, stepped by their own AdamW.
 
 The router, its bias and the shared experts stay replicated (plain data parallel). The model code
 never sees any of this: it calls ``dispatcher.dispatch``, its (now local) experts and
@@ -107,7 +109,7 @@ class AllToAllDispatcher(nn.Module):
     the model, where the DeepSpeed engine looks for MoE layers.
     """
 
-    def __init__(self, n_routed_experts: int, groups: ParallelGroups) -> None:
+    def __init__(self, n_routed_experts: int, groups: ParallelGroups, register: bool = True) -> None:
         super().__init__()
         self.n_experts = n_routed_experts
         self.ep_size = groups.layout.ep_size
@@ -115,7 +117,8 @@ class AllToAllDispatcher(nn.Module):
         self.ep_rank = groups.layout.ep_rank
         self.layout = groups.layout
         self._ep_group = groups.ep_group  # a process group is not module state
-        self.deepspeed_moe_registration = make_deepspeed_registration(n_routed_experts, self.ep_size)
+        if register:  # ZeRO-1/2 only: ZeRO-3 refuses native MoE layers (see `HeldExperts`)
+            self.deepspeed_moe_registration = make_deepspeed_registration(n_routed_experts, self.ep_size)
 
     def dispatch(self, x: Tensor, indices: Tensor) -> tuple[Tensor, list[int], Any]:
         """``x`` (N, D), global expert ``indices`` (N, k) -> rows for my local experts, grouped by expert."""
@@ -181,13 +184,14 @@ def expert_parallel_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, groups: ParallelGroups, zero_stage: int = 1) -> nn.Module:
     """Shard the routed experts of every `DeepSeekMoE` over the EP group and route tokens by all-to-all.
 
     Call before ``deepspeed.initialize`` (the engine must see the registration modules and the
-    ``allreduce=False`` tags) and after the weights are initialised or loaded: each rank slices its
-    shard out of the full expert tensors, so every rank must start from the same full weights
-    (same seed, or loaded from the same checkpoint). No-op when ``ep_size == 1``.
+    ``allreduce=False`` tags, or, under ZeRO-3, must no longer see the experts) and after the weights
+    are initialised or loaded: each rank slices its shard out of the full expert tensors, so every
+    rank must start from the same full weights (same seed, or loaded from the same checkpoint).
+    No-op when ``ep_size == 1``.
     """
     if groups.layout.ep_size == 1:
         return model
@@ -197,17 +201,190 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
         raise ValueError(
             f"parallel.ep_size={ep_size} but {type(model).__name__} has no DeepSeekMoE layer; set parallel.ep_size=1"
         )
-    for _, moe in layers:
+    held: dict[str, nn.Parameter] = {}
+    for name, moe in layers:
         n_experts = int(moe.n_routed_experts)  # type: ignore[arg-type]
         experts: nn.Module = moe.experts  # type: ignore[assignment]
         experts.n_experts = shard_stacked_experts(experts, ep_rank, ep_size)  # type: ignore[assignment]
         mark_expert_params(experts, expert_group_name(ep_size))
-        moe.dispatcher = AllToAllDispatcher(n_experts, groups)  # nn.Module: registered as a child
+        # nn.Module: registered as a child
+        moe.dispatcher = AllToAllDispatcher(n_experts, groups, register=zero_stage != 3)
+        if zero_stage == 3:
+            held.update(_hold_out_of_module_tree(experts, f"{name}.experts" if name else "experts"))
+    if held:
+        setattr(model, HELD_EXPERTS_ATTR, HeldExperts(held, groups))
     return model
 
 
+def _hold_out_of_module_tree(experts: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    """Unregister the parameters of ``experts`` but keep them as plain attributes (the forward reads
+    ``self.gate_up_proj`` as before; ``parameters()``, ``state_dict()`` and ZeRO-3 no longer see them)."""
+    held = {}
+    for name in list(experts._parameters):
+        param = experts._parameters.pop(name)
+        if param is None:
+            continue
+        experts.__dict__[name] = param  # found by attribute lookup before nn.Module.__getattr__
+        held[f"{prefix}.{name}"] = param
+    return held
+
+
+# --- ZeRO-3 × EP: experts held outside the engine --------------------------------------------------
+#
+# DeepSpeed 0.19's ZeRO-3 partitions every parameter it sees over the whole data-parallel group and
+# refuses native MoE layers; its expert-aware placement (``ds_zero_placement_family="autoep_expert"``)
+# is tied to AutoEP's own layer, whose checkpoint code reads AutoEP's metadata and which rejects the
+# aux-loss-free router bias. So under ZeRO-3 the routed experts stay out of the engine: each EP rank
+# keeps its ``E/ep`` experts whole, replicated over its expert-data-parallel group, and `HeldExperts`
+# does for them what ZeRO does for the dense parameters, with the same arithmetic.
+
+HELD_EXPERTS_ATTR = "held_experts"
+"""Attribute of the model holding its `HeldExperts` (a plain Python attribute, not module state)."""
+
+
+class HeldExperts:
+    """The routed-expert shards of a ZeRO-3 × EP run, outside the DeepSpeed engine.
+
+    Per optimizer step (the trainer calls these in order):
+
+    1. `reduce_gradients` (after the last micro-batch's backward, before ``engine.step``): sum the
+       expert gradients over the expert-data-parallel group and divide by the world size, as DeepSpeed
+       averages dense gradients (every token of the world reached these experts through the EP
+       all-to-all of some replica; ``engine.backward`` already divided by the accumulation steps).
+    2. ``engine.step``: the hook installed by `attach` adds the experts' norm to the norm groups of
+       DeepSpeed's ZeRO-3 optimizer, so it clips the dense partitions by the joint norm and reports it.
+    3. `step`: clip the expert gradients by the same joint norm (DeepSpeed's formula), then their own
+       AdamW (same hyper-parameters, the learning rate the engine's scheduler used for this step).
+
+    Under bf16 the held parameters are bf16 (as DeepSpeed casts the dense ones) and the optimizer
+    steps fp32 masters; under fp32 the parameters are their own masters.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], groups: ParallelGroups) -> None:
+        self.params = params
+        self.masters = params
+        self.layout = groups.layout
+        self._ep_group = groups.ep_group
+        self._edp_group = groups.edp_group
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the parameters in ``dtype`` (the engine's) with fp32 masters for the optimizer."""
+        if dtype == torch.float32:
+            return
+        self.masters = {n: nn.Parameter(p.detach().float().clone()) for n, p in self.params.items()}
+        for p in self.params.values():
+            p.data = p.data.to(dtype)
+
+    def attach(self, engine: Any) -> None:
+        """Make the engine's ZeRO-3 optimizer count the experts in its gradient norm (and clipping)."""
+        ds_optimizer = engine.optimizer
+        norm_groups = getattr(ds_optimizer, "_get_norm_groups", None)
+        if norm_groups is None:
+            raise RuntimeError(
+                f"{type(ds_optimizer).__name__} has no _get_norm_groups: ZeRO-3 × expert parallelism needs "
+                "the ZeRO-3 optimizer of DeepSpeed 0.19"
+            )
+
+        def with_experts() -> list[Tensor]:
+            groups = list(norm_groups())
+            scale = float(getattr(ds_optimizer, "loss_scale", 1.0))
+            return [*groups, self.grad_norm().to(groups[0].device) * scale]
+
+        ds_optimizer._get_norm_groups = with_experts
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average the expert gradients like DeepSpeed's dense ones (see the class docstring)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective for all layers
+        if self.layout.edp_size > 1:
+            dist.all_reduce(flat, group=self._edp_group)
+        flat /= self.layout.world_size
+        offset = 0
+        for param, master in zip(self.params.values(), self.masters.values(), strict=True):
+            param.grad = None
+            master.grad = flat[offset : offset + master.numel()].view_as(master).clone()
+            offset += master.numel()
+
+    @torch.no_grad()
+    def grad_norm(self) -> Tensor:
+        """L2 norm of every expert gradient of the world (each expert counted once: summed over EP)."""
+        squares = torch.zeros((), dtype=torch.float32, device=next(iter(self.masters.values())).device)
+        for master in self.masters.values():
+            if master.grad is not None:
+                squares += master.grad.float().pow(2).sum()
+        if self.layout.ep_size > 1:
+            dist.all_reduce(squares, group=self._ep_group)
+        return squares.sqrt()
+
+    @torch.no_grad()
+    def step(self, lr: float, clip: float, total_norm: float | None) -> None:
+        """Clip by the joint ``total_norm`` (as DeepSpeed's ZeRO-3 does) and step the experts' AdamW."""
+        if self.optimizer is None:
+            raise RuntimeError("HeldExperts.step before an optimizer was set")
+        if clip > 0 and total_norm is not None:
+            norm = torch.tensor(float(total_norm), dtype=torch.float32)
+            scale = 1.0 / torch.clamp((norm + 1e-6) / clip, min=1.0)
+            for master in self.masters.values():
+                if master.grad is not None:
+                    master.grad.mul_(scale.to(master.grad.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        for param, master in zip(self.params.values(), self.masters.values(), strict=True):
+            master.grad = None
+            if param is not master:
+                param.copy_(master)
+
+    def numel(self) -> int:
+        """Expert elements held on this rank."""
+        return sum(p.numel() for p in self.params.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"tensors": fp32 masters, "optimizer": {name: AdamW state}}`` (tensors only: weights-only loadable)."""
+        optimizer: dict[str, dict[str, Tensor]] = {}
+        if self.optimizer is not None:
+            for name, master in self.masters.items():
+                state = self.optimizer.state.get(master)
+                if state:
+                    optimizer[name] = {k: torch.as_tensor(v).detach().cpu().clone() for k, v in state.items()}
+        tensors = {n: m.detach().float().cpu().clone() for n, m in self.masters.items()}
+        return {"tensors": tensors, "optimizer": optimizer}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict[str, Any], source: str) -> None:
+        """Restore the masters, parameters and AdamW state written by `state_dict`."""
+        tensors, optimizer = saved.get("tensors", {}), saved.get("optimizer")
+        if set(tensors) != set(self.masters) or optimizer is None:
+            raise ValueError(
+                f"{source}: holds experts {sorted(tensors)} "
+                f"{'without' if optimizer is None else 'with'} optimizer state; this run holds "
+                f"{sorted(self.masters)} outside ZeRO-3 and needs both"
+            )
+        for name, master in self.masters.items():
+            master.copy_(tensors[name].to(master.device, master.dtype))
+            param = self.params[name]
+            if param is not master:
+                param.copy_(master)
+            if self.optimizer is not None and name in optimizer:
+                self.optimizer.state[master] = {
+                    k: v.to(master.device) if k != "step" else v for k, v in optimizer[name].items()
+                }
+
+
+def held_experts(model: nn.Module) -> HeldExperts | None:
+    """The `HeldExperts` of ``model`` (a DeepSpeed engine or the model): ZeRO-3 × EP only."""
+    module = getattr(model, "module", model)
+    held = module.__dict__.get(HELD_EXPERTS_ATTR)
+    return held if isinstance(held, HeldExperts) else None
+
+
 def expert_param_names(model: nn.Module) -> list[str]:
-    """Names of the parameters tagged as expert (EP-sharded) parameters."""
+    """Names of the expert (EP-sharded) parameters, held out of the module tree under ZeRO-3 or not."""
+    held = held_experts(model)
+    if held is not None:
+        return list(held.params)
     return [n for n, p in model.named_parameters() if is_expert_param(p)]
 
 
@@ -247,11 +424,19 @@ def save_expert_shards(model: nn.Module, tag_dir: str | Path) -> Path | None:
     if layout is None or layout.edp_rank != 0:
         return None
     module = getattr(model, "module", model)  # a DeepSpeed engine or the model
-    tensors = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if is_expert_param(p)}
+    held = held_experts(module)
+    if held is not None:  # ZeRO-3: fp32 masters and their AdamW state live only here
+        payload = held.state_dict()
+    else:
+        payload = {
+            "tensors": {
+                n: p.detach().cpu().clone() for n, p in module.named_parameters() if is_expert_param(p)
+            }
+        }
     path = expert_shard_path(tag_dir, layout.ep_rank, layout.ep_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"ep_rank": layout.ep_rank, "ep_size": layout.ep_size, "tensors": tensors}, tmp)
+    torch.save({"ep_rank": layout.ep_rank, "ep_size": layout.ep_size, **payload}, tmp)
     tmp.replace(path)
     return path
 
@@ -278,8 +463,13 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
             f"{path} is missing (found {others or 'no expert shards'}); resume with the ep_size the "
             "checkpoint was written with, or start a new run from its weights with checkpoint.init_from=<that run>"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     module = getattr(model, "module", model)
+    held = held_experts(module)
+    if held is not None:
+        held.load_state_dict(payload, str(path))
+        return len(held.params)
+    saved = payload["tensors"]
     params = {n: p for n, p in module.named_parameters() if is_expert_param(p)}
     if set(saved) != set(params):
         raise ValueError(
@@ -288,6 +478,18 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
     for name, param in params.items():
         param.copy_(saved[name].to(param.device, param.dtype))
     return len(params)
+
+
+def full_experts_from_shards(tag_dir: str | Path, ep_size: int) -> dict[str, Tensor]:
+    """ZeRO-3 × EP: the full ``[E, …]`` fp32 experts, EP ranks' shards concatenated in rank order
+    (rank ``e`` holds experts ``[e·E/ep, (e+1)·E/ep)``); the dense weights are in ZeRO's files."""
+    pieces: dict[str, list[Tensor]] = {}
+    for ep_rank in range(ep_size):
+        path = expert_shard_path(tag_dir, ep_rank, ep_size)
+        saved = torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+        for name, tensor in saved.items():
+            pieces.setdefault(name, []).append(tensor.float())
+    return {name: torch.cat(parts, dim=0) for name, parts in pieces.items()}
 
 
 def parallelize_experts(model: nn.Module, world_size: int, zero_stage: int, ep_size: int) -> nn.Module:
@@ -302,4 +504,4 @@ def parallelize_experts(model: nn.Module, world_size: int, zero_stage: int, ep_s
     validate_parallel_layout(world_size, zero_stage, ep_size, n_experts)
     if ep_size == 1:
         return model
-    return apply_expert_parallel(model, init_parallel_groups(ep_size, n_experts))
+    return apply_expert_parallel(model, init_parallel_groups(ep_size, n_experts), zero_stage)

@@ -109,13 +109,15 @@ def validate_parallel_layout(
 
     ``n_routed_experts``: the model's routed experts per MoE layer (0 = no MoE layer, None = unknown).
 
-    Expert parallelism needs ZeRO-1 or ZeRO-2: those reduce and partition expert gradients and
-    optimizer states over the expert-data-parallel group, which the 2-rank parity tests prove
-    (EP=2 vs one process, 1e-6 relative). ZeRO-3 is refused because DeepSpeed 0.19 partitions
-    every parameter over the whole data-parallel group and rejects native MoE layers under stage 3
-    (only AutoEP's own layer is supported there). Stage 0 is refused because DeepSpeed's non-ZeRO
-    path does not match the single-process reference with expert parameters (2.6e-4 relative loss
-    drift over 20 steps in the same test); ZeRO-1 costs the same communication and less memory.
+    Expert parallelism runs under ZeRO-1, 2 or 3. ZeRO-1/2 reduce and partition expert gradients
+    and optimizer states over the expert-data-parallel group (DeepSpeed's MoE groups). ZeRO-3
+    partitions every parameter it sees over the whole world and refuses native MoE layers, so there
+    the routed experts are held outside the engine, whole on each EP rank and replicated over its
+    expert-data-parallel group (`expert_parallel.HeldExperts`). The parity tests prove all three
+    against one process (2 and 4 ranks, 1e-7 relative). Stage 0 is refused because DeepSpeed's
+    non-ZeRO path does not match the single-process reference with expert parameters (2.6e-4
+    relative loss drift over 20 steps in the same test); ZeRO-1 costs the same communication and
+    less memory.
     """
     if ep_size > 1 and n_routed_experts == 0:
         raise ConfigError(
@@ -125,11 +127,11 @@ def validate_parallel_layout(
     validate_ep_size(world_size, ep_size, n_routed_experts)
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1, 2 or 3")
-    if ep_size > 1 and zero_stage not in (1, 2):
+    if ep_size > 1 and zero_stage == 0:
         raise ConfigError(
-            f"parallel.zero_stage={zero_stage} with parallel.ep_size={ep_size} is not supported: expert "
-            "parallelism runs under ZeRO-1 or ZeRO-2 (experts are then reduced over their expert-data-parallel "
-            "replicas only); set parallel.zero_stage=1 or 2, or parallel.ep_size=1 to use ZeRO-3"
+            f"parallel.zero_stage=0 with parallel.ep_size={ep_size} is not supported: expert parallelism runs "
+            "under ZeRO-1, 2 or 3 (experts are then reduced over their expert-data-parallel replicas only); "
+            "set parallel.zero_stage=1, 2 or 3, or parallel.ep_size=1"
         )
 
 

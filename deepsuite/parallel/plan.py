@@ -19,9 +19,17 @@ ZeRO stage    parameters          gradients           optimizer states
 
 (*) ``w`` with gradient accumulation > 1 (full gradients live between micro-batches).
 (ZeRO-1/2/3 always keep a separate fp32 partition of the parameters for the optimizer, even when
-training in fp32; stage 0 in fp32 steps the parameters directly.) For experts replace ``dp`` by
-``edp`` and the parameter count by ``routed / ep``. DeepSpeed's communication buckets
-(``reduce_bucket_size`` / ``allgather_bucket_size`` elements) are listed separately.
+training in fp32; stage 0 in fp32 steps the parameters directly.) For experts under ZeRO-1/2
+replace ``dp`` by ``edp`` and the parameter count by ``routed / ep``. DeepSpeed's communication
+buckets (``reduce_bucket_size`` / ``allgather_bucket_size`` elements) are listed separately.
+
+ZeRO-3 × EP: the dense parameters follow the stage-3 row (sharded over all ``dp`` ranks). The
+routed experts are held outside ZeRO-3 (`deepsuite.parallel.expert_parallel.HeldExperts`): each EP
+rank keeps its ``routed / ep`` elements whole, replicated over the ``edp`` group, not partitioned:
+``w`` parameters, 4 bytes of fp32 gradients (after the expert-data-parallel reduction; under bf16
+the fp32 master gradients) and 8 bytes of AdamW moments, + 4 for the fp32 masters under bf16. The
+held optimizer state stays on the GPU with ``offload_optimizer``. So this layout pays off with
+``edp = 1`` (``ep = dp``), where it shards the dense parameters that ZeRO-1/2 replicate.
 
 Activations per micro-batch (``b`` sequences of ``s`` tokens, ``a`` bytes per element = ``w``),
 documented estimates of what autograd keeps per layer, with fused/flash attention (no ``s²``
@@ -208,6 +216,13 @@ def _state_bytes(n: float, shards: int, inp: PlanInput) -> tuple[float, float, f
     return params, grads, optim
 
 
+def _held_expert_bytes(n: float, inp: PlanInput) -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes of ``n`` expert elements held whole outside ZeRO-3 (see the
+    module docstring)."""
+    w = 2 if inp.dtype == "bf16" else 4
+    return n * w, n * 4, n * (8 + (4 if inp.dtype == "bf16" else 0))
+
+
 def activation_bytes(shape: dict[str, Any], family: str, inp: PlanInput) -> int:
     """Activation bytes of one micro-batch (see the module docstring for the per-layer formulas)."""
     a = 2 if inp.dtype == "bf16" else 4
@@ -277,7 +292,10 @@ def plan(model_cfg: ModelConfig, inp: PlanInput, counts: ParamCounts | None = No
     )
     edp = inp.world // inp.ep_size
     dense = _state_bytes(counts.dense, inp.world, inp)
-    experts = _state_bytes(counts.routed / inp.ep_size, edp, inp)
+    if inp.zero_stage == 3 and inp.ep_size > 1:
+        experts = _held_expert_bytes(counts.routed / inp.ep_size, inp)
+    else:
+        experts = _state_bytes(counts.routed / inp.ep_size, edp, inp)
     w = 2 if inp.dtype == "bf16" else 4
     buffers = 0
     if inp.zero_stage in (1, 2):
@@ -313,9 +331,10 @@ def alternatives(model_cfg: ModelConfig, base: MemoryPlan, limit: int = 5) -> li
         for ep in _divisors(math.gcd(inp.world, counts.n_routed_experts)):
             if ep > inp.ep_size:
                 for ckpt in (inp.activation_checkpointing, True):
-                    stage = max(inp.zero_stage, 1) if inp.zero_stage < 3 else 2
                     candidates.append(
-                        dataclasses.replace(inp, ep_size=ep, zero_stage=stage, activation_checkpointing=ckpt)
+                        dataclasses.replace(
+                            inp, ep_size=ep, zero_stage=max(inp.zero_stage, 1), activation_checkpointing=ckpt
+                        )
                     )
     mb = inp.micro_batch
     while mb > 1:
@@ -332,7 +351,7 @@ def alternatives(model_cfg: ModelConfig, base: MemoryPlan, limit: int = 5) -> li
                     inp,
                     nodes=inp.nodes * factor,
                     ep_size=ep,
-                    zero_stage=min(max(inp.zero_stage, 1), 2),
+                    zero_stage=max(inp.zero_stage, 1),
                     activation_checkpointing=True,
                 )
             )
@@ -351,6 +370,56 @@ def alternatives(model_cfg: ModelConfig, base: MemoryPlan, limit: int = 5) -> li
         if len(found) >= limit:
             break
     return found
+
+
+MAX_NODES = 512
+"""The largest cluster `smallest_layouts` tries (nodes, doubling from 1)."""
+
+
+def smallest_layouts(model_cfg: ModelConfig, base: MemoryPlan) -> dict[int, MemoryPlan | None]:
+    """Per ZeRO stage, the layout with the fewest GPUs (then the least memory) that fits ``base``'s
+    GPUs, micro-batch, sequence length and dtype: nodes doubling from 1 to `MAX_NODES`, every EP size
+    the stage allows, activation checkpointing as given or on. None: nothing fits up to `MAX_NODES`."""
+    inp, counts = base.inputs, base.counts
+    found: dict[int, MemoryPlan | None] = {}
+    for stage in range(4):
+        found[stage] = None
+        nodes = 1
+        while nodes <= MAX_NODES and found[stage] is None:
+            world = nodes * inp.gpus_per_node
+            eps = _divisors(math.gcd(world, counts.n_routed_experts)) if counts.moe_layers else [1]
+            fitting = []
+            for ep in eps:
+                for ckpt in sorted({inp.activation_checkpointing, True}):
+                    cand = dataclasses.replace(
+                        inp, nodes=nodes, zero_stage=stage, ep_size=ep, activation_checkpointing=ckpt
+                    )
+                    try:
+                        p = plan(model_cfg, cand, counts)
+                    except ConfigError:
+                        continue
+                    if p.fits:
+                        fitting.append(p)
+            if fitting:
+                found[stage] = min(fitting, key=lambda p: p.total)
+            nodes *= 2
+    return found
+
+
+def format_smallest(found: dict[int, MemoryPlan | None], inp: PlanInput) -> str:
+    """The per-stage lines `deepsuite plan` prints under the table."""
+    lines = [
+        f"smallest layout that fits, per ZeRO stage ({inp.gpu_mem_gb:g} GiB GPUs, {inp.gpus_per_node} per node, "
+        f"mb={inp.micro_batch}, seq={inp.seq_len}, {inp.dtype}):"
+    ]
+    for stage, p in found.items():
+        if p is None:
+            lines.append(f"  ZeRO-{stage}: none up to {MAX_NODES}x{inp.gpus_per_node} GPUs")
+        else:
+            lines.append(
+                f"  ZeRO-{stage}: {p.inputs.world:>5} GPUs  {_layout(p.inputs):<58} total {_gib(p.total).strip()} GiB"
+            )
+    return "\n".join(lines)
 
 
 def _count(n: int) -> str:
@@ -529,6 +598,8 @@ def plan_main(ns: argparse.Namespace) -> int:
     )
     p = plan(model_cfg, inp)
     print(format_plan(model_cfg.flavor, p, alternatives(model_cfg, p)))
+    print()
+    print(format_smallest(smallest_layouts(model_cfg, p), inp))
     return 0
 
 

@@ -23,13 +23,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        lowered = name.lower()
-        if p.ndim < 2 or id(p) in embedding_ids or "norm" in lowered or lowered.endswith("bias"):
+        if id(p) in embedding_ids or not _decays(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _decays(name: str, p: torch.Tensor) -> bool:
+    lowered = name.lower()
+    return not (p.ndim < 2 or "norm" in lowered or lowered.endswith("bias"))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -41,6 +45,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [dict(g, name=f"group{i}") for i, g in enumerate(param_groups(model, cfg.weight_decay))]
     return torch.optim.AdamW(
         optimizer_param_groups(groups),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        fused=cfg.fused or None,
+    )
+
+
+def build_held_expert_optimizer(params: dict[str, nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW for the experts that ZeRO-3 × EP holds outside the engine
+    (`deepsuite.parallel.expert_parallel.HeldExperts`): the hyper-parameters and weight-decay rule of
+    `build_optimizer`; its learning rate is set each step to the engine's."""
+    decay = [p for n, p in params.items() if _decays(n, p)]
+    no_decay = [p for n, p in params.items() if not _decays(n, p)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,

@@ -60,10 +60,11 @@ from deepsuite.parallel.dist import (
     restore_torch_linear,
     world_from_env,
 )
+from deepsuite.parallel.expert_parallel import held_experts
 from deepsuite.parallel.groups import validate_parallel_layout
 from deepsuite.training.cpu_memory import keep_freed_memory_in_heap
 from deepsuite.training.metrics import MetricsLogger
-from deepsuite.training.optim import build_optimizer, build_scheduler
+from deepsuite.training.optim import build_held_expert_optimizer, build_optimizer, build_scheduler
 
 
 class TrainingDivergedError(RuntimeError):
@@ -153,6 +154,13 @@ def mtp_lambda_at(cfg: Config, step: int) -> float:
 
 def describe_layout(cfg: Config, dims: Any, layout: Any, ds_config: dict[str, Any]) -> str:
     """The parallel layout as a few lines of text (for --dry-run and the start of a run)."""
+    experts = []
+    if cfg.parallel.zero_stage == 3 and dims.ep_size > 1:
+        experts = [
+            f"experts: held outside ZeRO-3, whole on each of the {dims.ep_size} expert-parallel ranks and "
+            f"replicated over {dims.world_size // dims.ep_size} expert-data-parallel rank(s); own AdamW, "
+            "clipped by the joint gradient norm"
+        ]
     return "\n".join(
         [
             f"world: {dims.world_size} rank(s); data parallel {dims.dp_size}, expert parallel {dims.ep_size}",
@@ -162,11 +170,23 @@ def describe_layout(cfg: Config, dims: Any, layout: Any, ds_config: dict[str, An
             f"engine: DeepSpeed ZeRO-{cfg.parallel.zero_stage}, {cfg.training.dtype}, "
             f"gradient clipping {ds_config['gradient_clipping']}, activation checkpointing "
             f"{cfg.parallel.activation_checkpointing}, compile {cfg.parallel.compile}",
+            *experts,
         ]
     )
 
 
+def _check_fp8_layout(cfg: Config) -> None:
+    """FP8 converts the stacked experts into modules that register their weights again, which ZeRO-3
+    would then partition over the whole world: refused under ZeRO-3 × EP (see `HeldExperts`)."""
+    if cfg.fp8.enabled and cfg.parallel.zero_stage == 3 and cfg.parallel.ep_size > 1:
+        raise ConfigError(
+            f"fp8.enabled=true with parallel.zero_stage=3 and parallel.ep_size={cfg.parallel.ep_size} is not "
+            "supported: use parallel.zero_stage=1 or 2 with expert parallelism and FP8, or fp8.enabled=false"
+        )
+
+
 def _prepare_fp8(model: nn.Module, cfg: Config) -> Any:
+    _check_fp8_layout(cfg)
     if not cfg.fp8.enabled:
         return None
     blockers = te_blockers_for(cfg.parallel.ep_size, cfg.parallel.activation_checkpointing)
@@ -245,7 +265,14 @@ class Trainer:
         self.model = model
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.steps)
+        # ZeRO-3 × EP: the routed experts are not in the module tree the engine sees
+        self.held_experts = held_experts(model)
+        if self.held_experts is not None:
+            self.held_experts.use_dtype(torch.bfloat16 if cfg.training.dtype == "bf16" else torch.float32)
+            self.held_experts.optimizer = build_held_expert_optimizer(self.held_experts.masters, cfg.optim)
         engine = initialize_engine(model, optimizer, scheduler, self.ds_config)
+        if self.held_experts is not None:
+            self.held_experts.attach(engine)
         # the same seed on every rank gave identical initial weights; from here each rank draws
         # its own numbers (dropout) from a rank-dependent seed
         seed_everything(cfg.training.seed + 1_000_003 * self.dims.rank)
@@ -339,10 +366,14 @@ class Trainer:
                     )
                 if cfg.parallel.zero_stage == 0 and cfg.training.dtype == "fp32":
                     grad_norm = _grad_norm(self.model)  # DeepSpeed reports none for plain fp32
+                if self.held_experts is not None:
+                    self.held_experts.reduce_gradients()  # before the engine's norm, which includes them
             engine.step()
         reported = engine.get_global_grad_norm()
         if reported is not None:
             grad_norm = float(reported)
+        if self.held_experts is not None:
+            self.held_experts.step(lr, cfg.training.grad_clip, reported)
         self.step += 1
         self.tokens_seen += layout.global_batch_size * cfg.training.seq_len
         metrics: dict[str, float] = {"loss": loss, "lr": lr}
@@ -597,6 +628,7 @@ def dry_run(cfg: Config, resume: str | None = None) -> str:
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local, ep_size=cfg.parallel.ep_size)
     n_experts = getattr(cfg.model.resolved_args, "n_routed_experts", 0)
     validate_parallel_layout(world, cfg.parallel.zero_stage, cfg.parallel.ep_size, n_experts)
+    _check_fp8_layout(cfg)
     layout = resolve_batch(cfg.training, dims.dp_size)
     ds_config = build_ds_config(cfg, dims)
     checks = _dry_run_checks(cfg, world, resume)

@@ -17,8 +17,10 @@ from deepsuite.parallel.plan import (
     alternatives,
     count_params,
     find_flavor,
+    format_smallest,
     plan,
     plan_main,
+    smallest_layouts,
 )
 
 V3 = ModelConfig(name="deepseek_v3", flavor="deepseek-v3-671b")
@@ -102,7 +104,7 @@ def test_gpt_activation_matches_the_34sbh_rule() -> None:
 
 @pytest.mark.parametrize(
     ("ep", "stage", "fragment"),
-    [(3, 2, "does not divide the world size"), (32, 2, None), (2, 3, "zero_stage=3"), (2, 0, "zero_stage=0")],
+    [(3, 2, "does not divide the world size"), (32, 2, None), (2, 3, None), (2, 0, "zero_stage=0")],
 )
 def test_layout_validation(v3_counts, ep: int, stage: int, fragment: str | None) -> None:
     inp = PlanInput(nodes=4, gpus_per_node=8, zero_stage=stage, ep_size=ep)
@@ -209,3 +211,46 @@ def test_grad_accum_comes_from_the_config() -> None:
     assert _config_grad_accum(tr, ns, None) == 4  # 32 / (4 x 1 node x 2 GPUs)
     tr.gradient_accumulation_steps = 3
     assert _config_grad_accum(tr, ns, None) == 3
+
+
+def test_zero3_ep_holds_experts_whole_per_ep_rank(v3_counts) -> None:
+    """ZeRO-3 × EP: dense sharded over all ranks, experts whole on each EP rank (not over edp)."""
+    inp = PlanInput(nodes=32, gpus_per_node=8, zero_stage=3, ep_size=64, dtype="bf16")
+    p = plan(V3, inp, v3_counts)
+    dense, experts = v3_counts.dense, v3_counts.routed / 64
+    assert p.params == int(dense * 2 / 256 + experts * 2)
+    assert p.grads == int(dense * 2 / 256 + experts * 4)
+    assert p.optimizer == int(dense * 12 / 256 + experts * 12)
+    fp32 = plan(V3, dataclasses.replace(inp, dtype="fp32"), v3_counts)
+    assert fp32.optimizer == int(dense * 12 / 256 + experts * 8)  # fp32: the parameters are the masters
+    # the same experts under ZeRO-2 are partitioned over the 4 expert-data-parallel replicas
+    z2 = plan(V3, dataclasses.replace(inp, zero_stage=2), v3_counts)
+    assert z2.optimizer == int(dense * 12 / 256 + experts * 12 / 4)
+
+
+def test_smallest_layout_per_stage_for_671b(v3_counts) -> None:
+    base = plan(V3, PlanInput(nodes=32, gpus_per_node=8, zero_stage=3, ep_size=64), v3_counts)
+    found = smallest_layouts(V3, base)
+    assert found[0] is None  # 682.64B bf16 weights alone exceed a GPU
+    for stage in (1, 2, 3):
+        p = found[stage]
+        assert p is not None and p.fits and p.inputs.zero_stage == stage
+        # nothing fits on half as many GPUs with any EP size and checkpointing
+        half = p.inputs.nodes // 2
+        for ep in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            try:
+                smaller = plan(
+                    V3,
+                    dataclasses.replace(p.inputs, nodes=half, ep_size=ep, activation_checkpointing=True),
+                    v3_counts,
+                )
+            except ConfigError:
+                continue
+            assert half == 0 or not smaller.fits, (stage, ep)
+    z1, z2, z3 = found[1], found[2], found[3]
+    assert z1 is not None and z2 is not None and z3 is not None
+    assert (z1.inputs.world, z1.inputs.ep_size) == (512, 256)
+    assert (z2.inputs.world, z2.inputs.ep_size) == (512, 256)
+    assert z3.inputs.world == 256
+    text = format_smallest(found, base.inputs)
+    assert "ZeRO-0: none up to 512x8 GPUs" in text and "ZeRO-3:   256 GPUs" in text
