@@ -34,6 +34,7 @@ from torch import nn
 
 from deepsuite.config.schema import FP8Config
 from deepsuite.fp8.experts import convert_grouped_experts
+from deepsuite.fp8.measured import slowdown_warning
 from deepsuite.fp8.native import Float8Linear, Float8Recipe, scaled_mm_unusable_reason
 from deepsuite.fp8.quant import Float8Quantized, dequantize, fake_quantize, quantize
 from deepsuite.fp8.te import (
@@ -264,5 +265,13 @@ def prepare_fp8(model: nn.Module, fp8_cfg: FP8Config, te_blockers: Sequence[str]
     )
     ctx.converted = chosen + experts
     ctx.skipped.update(skipped)
+    warning = slowdown_warning(getattr(model, "args", None), backend, _device_name(device))
+    if warning is not None and ctx.converted:
+        ctx.notes.append(warning)
+        logger.warning(warning)
     logger.info(ctx.summary)
     return ctx
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
