@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a machine that has CUDA but maybe not deepsuite
 # installed: run from the repository root with the image's python3 (data/shakespeare prepared, for
-# the FP8 loss run; without it that run uses a synthetic task).
+# the FP8 loss run; without it that run uses a synthetic task). From the device tool: carry data/shakespeare.
 #
 #   OUT=/some/folder bash tools/benchmarks/gpu_session.sh [quick|full]
 #
@@ -36,8 +36,8 @@ else
     timeout 270 "$PY" tools/benchmarks/mfu_gpu.py --quick --models dsv3-xl,gpt-d4096 --modes bf16,native \
         --profile "$OUT/profiles.txt" --json "$OUT/mfu.json" >>"$LOG" 2>&1
     stamp "deepseek-v3-xl: 300 steps FP8 vs bf16 loss"
-    timeout 110 "$PY" tools/benchmarks/fp8_loss_parity.py --device cuda --model deepseek-v3-xl --steps 300 \
-        --json "$OUT/fp8_parity.json" --plot "$OUT/fp8_parity.png" >>"$LOG" 2>&1
+    timeout 150 "$PY" tools/benchmarks/fp8_loss_parity.py --device cuda --model deepseek-v3-xl --n-layers 12 \
+        --steps 300 --batch 4 --seq-len 512 --json "$OUT/fp8_parity.json" --plot "$OUT/fp8_parity.png" >>"$LOG" 2>&1
 fi
 stamp "done"
 
