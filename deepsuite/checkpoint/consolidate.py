@@ -18,6 +18,9 @@ Each layout keeps the fp32 master weights somewhere else:
   rank ``e``, and the EP ranks' local ``[E/ep, …]`` tensors are stacked back into ``[E, …]`` (rank
   ``e`` holds experts ``[e·E/ep, (e+1)·E/ep)``). The EP size comes from the expert shard files that
   `expert_parallel.save_expert_shards` writes.
+* ZeRO-3 with expert parallelism: the routed experts are held outside ZeRO-3, so the optimizer
+  files hold the dense masters only (merged by ``zero_to_fp32``) and each EP rank's expert shard
+  file holds its experts' fp32 weights, which are stacked as above.
 
 The optimizer knows parameters by their names in the trained module. A module that saves several of
 its parameters as one stacked tensor (through a state-dict hook) lists them in its state-dict

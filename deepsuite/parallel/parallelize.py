@@ -56,8 +56,9 @@ def parallelize_model(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.M
 
     Data parallelism and ZeRO come from the DeepSpeed engine; here: activation checkpointing
     (`parallel.activation_checkpointing`) and per-block compilation (`parallel.compile`).
-    Expert parallelism (`parallel.ep_size > 1`, ZeRO-1/2 only): each rank keeps E/ep_size routed experts
-    and exchanges tokens by all-to-all (`deepsuite.parallel.expert_parallel`).
+    Expert parallelism (`parallel.ep_size > 1`, ZeRO-1/2/3): each rank keeps E/ep_size routed experts
+    and exchanges tokens by all-to-all (`deepsuite.parallel.expert_parallel`); under ZeRO-3 they are
+    held outside the engine, whole per EP rank (`HeldExperts`).
     """
     model = parallelize_experts(model, dims.world_size, cfg.parallel.zero_stage, cfg.parallel.ep_size)
     if cfg.parallel.activation_checkpointing:
