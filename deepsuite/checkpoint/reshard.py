@@ -1,10 +1,11 @@
-"""Resuming a checkpoint on another layout (world size and ZeRO stage; no expert parallelism).
+"""Resuming a checkpoint on another layout (world size, ZeRO stage, expert-parallel size).
 
 A checkpoint's optimizer state is laid out for the ranks and ZeRO stage that wrote it. To resume it
 elsewhere it is converted once, on rank 0, into a layout-free form kept beside it::
 
     step_N/universal/
-      fp32.safetensors        # every parameter's fp32 master (and the module's buffers), by name
+      fp32.safetensors        # every parameter's fp32 master (and the module's buffers), by name;
+                              # routed experts whole: [E, ...] in global expert order
       exp_avg.safetensors     # Adam's first moment of every parameter, by name
       exp_avg_sq.safetensors  # Adam's second moment
       meta.json               # the optimizer step, the source layout
@@ -12,13 +13,17 @@ elsewhere it is converted once, on rank 0, into a layout-free form kept beside i
 written through `atomic_dir` (a kill leaves no half-written folder; a later resume converts again or
 reuses the finished one). The sources: ZeRO-0 from the engine's plain torch optimizer state, named
 by state.json's ``optimizer_param_names``; ZeRO-1/2/3 by applying DeepSpeed's own ``zero_to_fp32``
-merge to the flat partitions of the masters and of each Adam moment. The fp32 masters come from
-`consolidated_state_dict`.
+merge to the flat partitions of the masters and of each Adam moment; ZeRO-1/2 with expert parallelism
+by the merge `consolidate` applies to its masters (dense groups over all ranks, each expert group over
+the expert-data-parallel ranks of its EP rank, EP ranks' ``[E/ep, ...]`` pieces concatenated in rank
+order), applied to each moment. The fp32 masters come from `consolidated_state_dict`.
 
 The new engine is then filled in place: under ZeRO-1/2/3 through DeepSpeed's fragment API
 (``safe_set_full_fp32_param``, ``safe_set_full_optimizer_state``; the optimizer states are created
 first, since torch's AdamW makes them only at its first step), under ZeRO-0 by setting the torch
-optimizer's state directly; the model weights are the masters. The LR scheduler and DeepSpeed's step
+optimizer's state directly; the model weights are the masters. Under expert parallelism each rank
+takes rows ``[r·E/ep, (r+1)·E/ep)`` of the whole expert tensors for its EP rank ``r`` (the slice
+`expert_parallel.shard_stacked_experts` keeps). The LR scheduler and DeepSpeed's step
 counters come from the source's model states file (the same on every rank), the data position from
 state.json (the sampler's position is global: any world that splits the same global batch reads
 the same samples). RNGs: a rank that existed in the source restores its own; a new rank is seeded
@@ -31,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,51 +46,58 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepsuite.checkpoint.atomic import atomic_dir
-from deepsuite.checkpoint.consolidate import (
-    consolidated_state_dict,
-    expert_parallel_size,
-    stacked_parameters,
-)
-from deepsuite.checkpoint.manager import DS_TAG, CheckpointError, load_config_of, read_state
+from deepsuite.checkpoint.consolidate import consolidated_state_dict, stacked_parameters
+from deepsuite.checkpoint.manager import DS_TAG, CheckpointError, read_state
 from deepsuite.checkpoint.rng import restore_rng_state, seed_everything
 from deepsuite.config.schema import Config
 from deepsuite.parallel.deepspeed import import_deepspeed, safe_torch_load
 from deepsuite.parallel.dist import barrier
+from deepsuite.parallel.expert_parallel import expert_layout
+from deepsuite.parallel.groups import is_expert_param
 
 UNIVERSAL_DIR = "universal"
 UNIVERSAL_FORMAT = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _FILES = ("fp32", *MOMENTS)
+_SHARD_RE = re.compile(r"expert_shard_ep\d+_of(\d+)\.pt$")
 
 
 def layout_changed(state: dict[str, Any], cfg: Config, world_size: int) -> bool:
-    """Whether resuming ``state`` on this config and world needs a conversion: another ZeRO stage or
-    another world size (ZeRO-1/2/3 optimizer files are per rank; under ZeRO-0 the new ranks have no
-    RNG state of their own)."""
-    return int(state["zero_stage"]) != cfg.parallel.zero_stage or int(state["world_size"]) != world_size
-
-
-def expert_parallel_refusal(path: Path, state: dict[str, Any], cfg: Config, world_size: int) -> str | None:
-    """The one-line refusal for a layout change that involves expert parallelism (None: none)."""
-    if not layout_changed(state, cfg, world_size):
-        return None
-    saved_ep = _saved_ep_size(path)
-    if saved_ep == 1 and cfg.parallel.ep_size == 1:
-        return None
+    """Whether resuming ``state`` on this config and world needs a conversion: another ZeRO stage,
+    world size or ``ep_size`` (ZeRO-1/2/3 optimizer files and expert shards are per rank; under
+    ZeRO-0 the new ranks have no RNG state of their own)."""
     return (
-        f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']} and "
-        f"ep_size={saved_ep}; resuming it on {world_size} ranks with ZeRO-{cfg.parallel.zero_stage} and "
-        f"ep_size={cfg.parallel.ep_size}: resharding expert-parallel checkpoints is not supported yet. "
-        "Keep its weights with checkpoint.init_from=<its run folder> in a new checkpoint.dir "
-        "(the optimizer state restarts)."
+        int(state["zero_stage"]) != cfg.parallel.zero_stage
+        or int(state["world_size"]) != world_size
+        or saved_ep_size(state) != cfg.parallel.ep_size
     )
 
 
-def _saved_ep_size(path: Path) -> int:
-    ep = expert_parallel_size(path / DS_TAG) if (path / DS_TAG).is_dir() else 1
-    if ep == 1 and (path / "config.yaml").is_file():
-        ep = load_config_of(path).parallel.ep_size
-    return ep
+def expert_parallel_refusal(path: Path, state: dict[str, Any], cfg: Config, world_size: int) -> str | None:
+    """The one-line refusal for a layout change this conversion cannot make (None: none): ZeRO-3 with
+    expert parallelism on either side (its experts are held outside the engine, see
+    `expert_parallel.HeldExperts`)."""
+    if not layout_changed(state, cfg, world_size):
+        return None
+    saved_ep, stage = saved_ep_size(state), int(state["zero_stage"])
+    if not ((saved_ep > 1 and stage == 3) or (cfg.parallel.ep_size > 1 and cfg.parallel.zero_stage == 3)):
+        return None
+    return (
+        f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{stage} and "
+        f"ep_size={saved_ep}; resuming it on {world_size} ranks with ZeRO-{cfg.parallel.zero_stage} and "
+        f"ep_size={cfg.parallel.ep_size}: another layout with ZeRO-3 and expert parallelism is not supported "
+        "yet (ZeRO-0/1/2 on either side, with any ep_size, are). Resume on its own layout, or keep its weights "
+        "with checkpoint.init_from=<its run folder> in a new checkpoint.dir (the optimizer state restarts)."
+    )
+
+
+def saved_ep_size(state: dict[str, Any]) -> int:
+    """The EP size a checkpoint was written with, from the expert shard files its state.json lists
+    (one per EP rank; none without expert parallelism)."""
+    sizes = {int(m.group(1)) for name in state.get("files", {}) if (m := _SHARD_RE.search(name))}
+    if len(sizes) > 1:
+        raise CheckpointError(f"the checkpoint lists expert shards of ep sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -123,6 +137,7 @@ def write_universal(path: Path, target: Path) -> None:
             "step": step,
             "source_world_size": state["world_size"],
             "source_zero_stage": state["zero_stage"],
+            "source_ep_size": saved_ep_size(state),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
@@ -135,9 +150,15 @@ def extract(
     model_states = safe_torch_load(_model_states_file(tag_dir), map_location="cpu")
     plan = stacked_parameters(model_states["module"])
     masters = _unstack(consolidated_state_dict(path, state), plan)
-    stage = int(state["zero_stage"])
+    stage, ep = int(state["zero_stage"]), saved_ep_size(state)
+    if ep > 1 and stage not in (1, 2):
+        raise CheckpointError(
+            f"{path}: converting a ZeRO-{stage} checkpoint with ep_size={ep} is not supported"
+        )
     if stage == 0:
         moments, step = _zero0_moments(path, model_states, state.get("optimizer_param_names"))
+    elif ep > 1:
+        moments, step = _ep_zero12_moments(tag_dir, ep, model_states)
     else:
         moments, step = _zero_moments(tag_dir, stage)
     for moment, tensors in moments.items():
@@ -219,7 +240,7 @@ def _zero_moments(tag_dir: Path, stage: int) -> tuple[dict[str, dict[str, torch.
         flats = []
         for o in optim:
             base = o[base_key]
-            per_group = base if isinstance(base, list) else [base["state"][i] for i in sorted(base["state"])]
+            per_group = _per_group(base)
             flats.append([g[m] for g in per_group])
             steps.update(_step_of(g["step"]) for g in per_group)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -239,6 +260,65 @@ def _zero_moments(tag_dir: Path, stage: int) -> tuple[dict[str, dict[str, torch.
     return moments, steps.pop()
 
 
+def _per_group(base: Any) -> list[dict[str, Any]]:
+    """A ZeRO-1/2 base optimizer state as one state per group (a list, or a torch state dict)."""
+    return base if isinstance(base, list) else [base["state"][i] for i in sorted(base["state"])]
+
+
+def _ep_zero12_moments(
+    tag_dir: Path, ep: int, model_states: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """ZeRO-1/2 × EP: each moment's flat partitions (laid out like the fp32 masters' partitions,
+    padding stripped the same way) merged as `consolidate._consolidate_ep_zero12` merges the masters:
+    a dense group over every rank, an expert group over the ranks ``{e, e + ep, ...}`` of EP rank
+    ``e``, the EP ranks' pieces concatenated along the expert dimension in rank order."""
+    import_deepspeed()
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        OPTIMIZER_STATE_DICT,
+        PARAM_ALIGNMENT_PADDINGS,
+        PARAM_SHAPES,
+        PARTITION_COUNT,
+    )
+    from deepspeed.utils.zero_to_fp32 import get_checkpoint_files, natural_keys
+
+    files = sorted(get_checkpoint_files(str(tag_dir), "*_optim_states.pt"), key=natural_keys)
+    optim = [safe_torch_load(f, map_location="cpu")[OPTIMIZER_STATE_DICT] for f in files]
+    world = len(optim)
+    if world % ep:
+        raise CheckpointError(f"{tag_dir}: {world} optimizer shards are not divisible by ep_size={ep}")
+    shapes: list[dict[str, Any]] = model_states[PARAM_SHAPES]
+    counts = optim[0][PARTITION_COUNT]
+    counts = counts if isinstance(counts, list) else [counts] * len(shapes)
+    paddings = optim[0].get(PARAM_ALIGNMENT_PADDINGS)
+    states = [_per_group(o[BASE_OPTIMIZER_STATE]) for o in optim]  # [rank][group] -> {step, exp_avg, ...}
+    steps = {_step_of(g["step"]) for per_rank in states for g in per_rank}
+    if len(steps) != 1:
+        raise CheckpointError(f"{tag_dir}: the optimizer's groups are at different steps {sorted(steps)}")
+    moments: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
+    for g, group_shapes in enumerate(shapes):
+        if counts[g] == world:
+            replicas = [list(range(world))]
+        elif counts[g] == world // ep:
+            replicas = [list(range(e, world, ep)) for e in range(ep)]
+        else:
+            raise CheckpointError(
+                f"{tag_dir}: group {g} has partition count {counts[g]} (world {world}, ep {ep})"
+            )
+        for m in MOMENTS:
+            pieces: dict[str, list[torch.Tensor]] = {}
+            for ranks in replicas:
+                full = torch.cat([states[r][g][m].reshape(-1) for r in ranks])
+                offset = 0
+                for i, (name, shape) in enumerate(group_shapes.items()):
+                    numel = math.prod(shape)
+                    pieces.setdefault(name, []).append(full.narrow(0, offset, numel).view(shape))
+                    offset += numel + (paddings[g][i] if paddings is not None else 0)
+            for name, parts in pieces.items():
+                moments[m][name] = torch.cat(parts, dim=0).clone()  # EP rank order = global expert order
+    return moments, steps.pop()
+
+
 # --------------------------------------------------------------------------------------- loading
 
 
@@ -253,7 +333,15 @@ def load_resharded(engine: Any, path: Path, cfg: Config, rank: int, world_size: 
     model_states = safe_torch_load(_model_states_file(path / DS_TAG), map_location="cpu")
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and model_states.get("lr_scheduler") is not None:
-        sched.load_state_dict(model_states["lr_scheduler"])
+        # per-group lists follow the new optimizer's groups (expert parallelism adds its "moe" groups);
+        # the trainer sets every group's rate from the config and the restored step
+        current = sched.state_dict()
+        sched.load_state_dict(
+            {
+                k: current[k] if isinstance(v, list) and len(v) != len(current.get(k) or []) else v
+                for k, v in model_states["lr_scheduler"].items()
+            }
+        )
     for key in ("global_steps", "global_samples", "skipped_steps"):
         if key in model_states and hasattr(engine, key):
             setattr(engine, key, model_states[key])
@@ -282,6 +370,12 @@ def _fill_engine(
     missing = [n for n in trained if n not in masters or any(n not in moments[m] for m in MOMENTS)]
     if missing:
         raise CheckpointError(f"{path}: no optimizer state for parameters {missing[:3]} of this model")
+    layout = expert_layout(engine)
+    masters = {**masters, **{n: _local_rows(n, p, masters[n], layout, path) for n, p in trained.items()}}
+    moments = {
+        m: {**moments[m], **{n: _local_rows(n, p, moments[m][n], layout, path) for n, p in trained.items()}}
+        for m in MOMENTS
+    }
     stage = engine.zero_optimization_stage()
     opt = engine.optimizer
 
@@ -332,3 +426,17 @@ def _fill_engine(
         for n, b in module.named_buffers():
             if n in masters:
                 b.copy_(masters[n].to(b.dtype).view_as(b))
+
+
+def _local_rows(name: str, param: torch.Tensor, full: torch.Tensor, layout: Any, path: Path) -> torch.Tensor:
+    """This rank's experts out of a whole ``[E, ...]`` expert tensor (rows ``[r·E/ep, (r+1)·E/ep)``
+    of EP rank ``r``, as `shard_stacked_experts` slices them); any other tensor unchanged."""
+    if layout is None or not is_expert_param(param) or full.shape == param.shape:
+        return full
+    n_local = param.shape[0]
+    if full.shape[1:] != param.shape[1:] or full.shape[0] != n_local * layout.ep_size:
+        raise CheckpointError(
+            f"{path}: expert parameter {name!r} has shape {list(full.shape)}, which ep_size={layout.ep_size} "
+            f"does not split into this run's {list(param.shape)}"
+        )
+    return full.narrow(0, layout.ep_rank * n_local, n_local)
