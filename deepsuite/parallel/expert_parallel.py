@@ -460,8 +460,8 @@ def load_expert_shards(model: nn.Module, tag_dir: str | Path) -> int:
     if not path.exists():
         others = sorted(p.name for p in Path(tag_dir).glob("expert_shard_ep*.pt"))
         raise FileNotFoundError(
-            f"{path} is missing (found {others or 'no expert shards'}); resume with the ep_size the "
-            "checkpoint was written with, or start a new run from its weights with checkpoint.init_from=<that run>"
+            f"{path} is missing (found {others or 'no expert shards'}): this checkpoint is incomplete; resume "
+            "from another step_N folder of the run, or start a new run from its weights with checkpoint.init_from"
         )
     payload = torch.load(path, map_location="cpu", weights_only=True)
     module = getattr(model, "module", model)
