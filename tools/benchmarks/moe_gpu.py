@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import env_info, matmul_peak_flops, print_table, time_fn, write_json
 from mfu_gpu import profile_steps
+from moe import step
 
 from deepsuite.config.schema import FP8Config
 from deepsuite.fp8 import prepare_fp8
@@ -66,16 +67,6 @@ def build(cfg: dict[str, int], device: str) -> tuple[DeepSeekMoE, torch.nn.Modul
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(ref.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)
     return ours, ref
-
-
-def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward; returns (output, input gradient)."""
-    module.zero_grad(set_to_none=True)
-    xi = x.detach().requires_grad_(True)
-    out = module(xi)
-    out.backward(grad)
-    assert xi.grad is not None
-    return out.detach(), xi.grad
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
