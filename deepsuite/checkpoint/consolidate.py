@@ -238,13 +238,23 @@ def _consolidate_zero0(
 def _consolidate_ep_zero12(tag_dir: Path, ep: int, model_states: dict[str, Any]) -> dict[str, torch.Tensor]:
     """ZeRO-1/2 × EP: merge dense groups over all ranks, expert groups per EP rank, then stack experts."""
     import_deepspeed()
-    from deepspeed.checkpoint.constants import (
-        BUFFER_NAMES,
-        OPTIMIZER_STATE_DICT,
-        PARAM_SHAPES,
-        PARTITION_COUNT,
-        SINGLE_PARTITION_OF_FP32_GROUPS,
-    )
+    from deepspeed.checkpoint.constants import BUFFER_NAMES, SINGLE_PARTITION_OF_FP32_GROUPS
+
+    optim = ep_zero12_optimizer_states(tag_dir, ep)
+    flat_groups = [o[SINGLE_PARTITION_OF_FP32_GROUPS] for o in optim]  # [rank][group] -> 1-D fp32
+    buffers = set(model_states[BUFFER_NAMES])
+    out = {k: _fp32(v) for k, v in model_states["module"].items() if k in buffers}
+    out.update(merge_ep_zero12_partitions(tag_dir, ep, model_states, optim, flat_groups))
+    for alias, target in model_states.get("shared_params", {}).items():
+        if target in out:
+            out[alias] = out[target]
+    return out
+
+
+def ep_zero12_optimizer_states(tag_dir: Path, ep: int) -> list[dict[str, Any]]:
+    """The optimizer state dict of every rank of a ZeRO-1/2 × EP checkpoint, in rank order."""
+    import_deepspeed()
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
     from deepspeed.utils.zero_to_fp32 import get_checkpoint_files, natural_keys
 
     optim_files = sorted(get_checkpoint_files(str(tag_dir), "*_optim_states.pt"), key=natural_keys)
@@ -252,19 +262,33 @@ def _consolidate_ep_zero12(tag_dir: Path, ep: int, model_states: dict[str, Any])
     stage = int(optim[0].get("zero_stage", 0)) if optim else 0
     if stage not in (1, 2):
         raise CheckpointError(
-            f"{tag_dir}: expert-parallel checkpoints are written under ZeRO-1/2 only (found ZeRO-{stage})"
+            f"{tag_dir}: expected the optimizer files of ZeRO-1/2 with expert parallelism (found ZeRO-{stage})"
         )
-    world = len(optim)
-    if world % ep:
-        raise CheckpointError(f"{tag_dir}: {world} optimizer shards are not divisible by ep_size={ep}")
-    flat_groups = [o[SINGLE_PARTITION_OF_FP32_GROUPS] for o in optim]  # [rank][group] -> 1-D fp32
-    counts = optim[0][PARTITION_COUNT]
-    counts = counts if isinstance(counts, list) else [counts] * len(flat_groups[0])
-    paddings = optim[0].get("param_alignment_paddings")
-    shapes: list[dict[str, Any]] = model_states[PARAM_SHAPES]
+    if len(optim) % ep:
+        raise CheckpointError(f"{tag_dir}: {len(optim)} optimizer shards are not divisible by ep_size={ep}")
+    return optim
 
-    buffers = set(model_states[BUFFER_NAMES])
-    out = {k: _fp32(v) for k, v in model_states["module"].items() if k in buffers}
+
+def merge_ep_zero12_partitions(
+    tag_dir: Path,
+    ep: int,
+    model_states: dict[str, Any],
+    optim: list[dict[str, Any]],
+    flat_groups: list[list[torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Whole tensors by name out of ZeRO-1/2 × EP flat partitions ``flat_groups[rank][group]`` (the
+    fp32 masters, or an Adam moment, which ZeRO lays out the same way): a dense group is partitioned
+    over every rank, an expert group over the ranks ``{e, e + ep, ...}`` of EP rank ``e``; the EP
+    ranks' ``[E/ep, ...]`` pieces are concatenated in rank order (= global expert order)."""
+    import_deepspeed()
+    from deepspeed.checkpoint.constants import PARAM_SHAPES, PARTITION_COUNT
+
+    world = len(optim)
+    shapes: list[dict[str, Any]] = model_states[PARAM_SHAPES]
+    counts = optim[0][PARTITION_COUNT]
+    counts = counts if isinstance(counts, list) else [counts] * len(shapes)
+    paddings = optim[0].get("param_alignment_paddings")
+    out: dict[str, torch.Tensor] = {}
     expert_pieces: dict[str, list[torch.Tensor]] = {}
     for g, group_shapes in enumerate(shapes):
         if counts[g] == world:  # dense: partitioned over every rank
@@ -276,7 +300,7 @@ def _consolidate_ep_zero12(tag_dir: Path, ep: int, model_states: dict[str, Any])
                 f"{tag_dir}: group {g} has partition count {counts[g]} (world {world}, ep {ep})"
             )
         for ranks in replicas:
-            full = torch.cat([flat_groups[r][g] for r in ranks])
+            full = torch.cat([flat_groups[r][g].reshape(-1) for r in ranks])
             offset = 0
             for i, (name, shape) in enumerate(group_shapes.items()):
                 numel = math.prod(shape)
@@ -287,10 +311,7 @@ def _consolidate_ep_zero12(tag_dir: Path, ep: int, model_states: dict[str, Any])
                 else:
                     expert_pieces.setdefault(name, []).append(tensor)
     for name, pieces in expert_pieces.items():
-        out[name] = torch.cat(pieces, dim=0)  # EP rank order = global expert order
-    for alias, target in model_states.get("shared_params", {}).items():
-        if target in out:
-            out[alias] = out[target]
+        out[name] = torch.cat(pieces, dim=0)
     return out
 
 

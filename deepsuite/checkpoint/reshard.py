@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -46,13 +45,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepsuite.checkpoint.atomic import atomic_dir
-from deepsuite.checkpoint.consolidate import consolidated_state_dict, stacked_parameters
+from deepsuite.checkpoint.consolidate import (
+    consolidated_state_dict,
+    ep_zero12_optimizer_states,
+    merge_ep_zero12_partitions,
+    stacked_parameters,
+)
 from deepsuite.checkpoint.manager import DS_TAG, CheckpointError, read_state
 from deepsuite.checkpoint.rng import restore_rng_state, seed_everything
 from deepsuite.config.schema import Config
 from deepsuite.parallel.deepspeed import import_deepspeed, safe_torch_load
 from deepsuite.parallel.dist import barrier
-from deepsuite.parallel.expert_parallel import expert_layout
+from deepsuite.parallel.expert_parallel import HeldExperts, expert_layout, expert_shard_path, held_experts
 from deepsuite.parallel.groups import is_expert_param
 
 UNIVERSAL_DIR = "universal"
@@ -70,24 +74,6 @@ def layout_changed(state: dict[str, Any], cfg: Config, world_size: int) -> bool:
         int(state["zero_stage"]) != cfg.parallel.zero_stage
         or int(state["world_size"]) != world_size
         or saved_ep_size(state) != cfg.parallel.ep_size
-    )
-
-
-def expert_parallel_refusal(path: Path, state: dict[str, Any], cfg: Config, world_size: int) -> str | None:
-    """The one-line refusal for a layout change this conversion cannot make (None: none): ZeRO-3 with
-    expert parallelism on either side (its experts are held outside the engine, see
-    `expert_parallel.HeldExperts`)."""
-    if not layout_changed(state, cfg, world_size):
-        return None
-    saved_ep, stage = saved_ep_size(state), int(state["zero_stage"])
-    if not ((saved_ep > 1 and stage == 3) or (cfg.parallel.ep_size > 1 and cfg.parallel.zero_stage == 3)):
-        return None
-    return (
-        f"checkpoint {path} was written by {state['world_size']} ranks with ZeRO-{stage} and "
-        f"ep_size={saved_ep}; resuming it on {world_size} ranks with ZeRO-{cfg.parallel.zero_stage} and "
-        f"ep_size={cfg.parallel.ep_size}: another layout with ZeRO-3 and expert parallelism is not supported "
-        "yet (ZeRO-0/1/2 on either side, with any ep_size, are). Resume on its own layout, or keep its weights "
-        "with checkpoint.init_from=<its run folder> in a new checkpoint.dir (the optimizer state restarts)."
     )
 
 
@@ -151,16 +137,21 @@ def extract(
     plan = stacked_parameters(model_states["module"])
     masters = _unstack(consolidated_state_dict(path, state), plan)
     stage, ep = int(state["zero_stage"]), saved_ep_size(state)
-    if ep > 1 and stage not in (1, 2):
-        raise CheckpointError(
-            f"{path}: converting a ZeRO-{stage} checkpoint with ep_size={ep} is not supported"
-        )
+    if ep > 1 and stage not in (1, 2, 3):
+        raise CheckpointError(f"{path}: a ZeRO-{stage} checkpoint with ep_size={ep} (expected ZeRO-1/2/3)")
     if stage == 0:
         moments, step = _zero0_moments(path, model_states, state.get("optimizer_param_names"))
-    elif ep > 1:
+    elif ep > 1 and stage in (1, 2):
         moments, step = _ep_zero12_moments(tag_dir, ep, model_states)
     else:
         moments, step = _zero_moments(tag_dir, stage)
+        if ep > 1:  # ZeRO-3 × EP: the experts' AdamW state is in the expert shard files
+            held, held_step = _held_expert_moments(tag_dir, ep)
+            if held_step != step:
+                raise CheckpointError(
+                    f"{path}: the experts' optimizer is at step {held_step}, the dense one at {step}"
+                )
+            moments = {m: {**moments[m], **held[m]} for m in MOMENTS}
     for moment, tensors in moments.items():
         missing = [n for n in tensors if n not in masters]
         if missing:
@@ -268,55 +259,44 @@ def _per_group(base: Any) -> list[dict[str, Any]]:
 def _ep_zero12_moments(
     tag_dir: Path, ep: int, model_states: dict[str, Any]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    """ZeRO-1/2 × EP: each moment's flat partitions (laid out like the fp32 masters' partitions,
-    padding stripped the same way) merged as `consolidate._consolidate_ep_zero12` merges the masters:
-    a dense group over every rank, an expert group over the ranks ``{e, e + ep, ...}`` of EP rank
-    ``e``, the EP ranks' pieces concatenated along the expert dimension in rank order."""
+    """ZeRO-1/2 × EP: each moment's flat partitions (laid out like the fp32 masters' partitions)
+    merged by `merge_ep_zero12_partitions`, as `consolidate` merges the masters."""
     import_deepspeed()
-    from deepspeed.checkpoint.constants import (
-        BASE_OPTIMIZER_STATE,
-        OPTIMIZER_STATE_DICT,
-        PARAM_ALIGNMENT_PADDINGS,
-        PARAM_SHAPES,
-        PARTITION_COUNT,
-    )
-    from deepspeed.utils.zero_to_fp32 import get_checkpoint_files, natural_keys
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE
 
-    files = sorted(get_checkpoint_files(str(tag_dir), "*_optim_states.pt"), key=natural_keys)
-    optim = [safe_torch_load(f, map_location="cpu")[OPTIMIZER_STATE_DICT] for f in files]
-    world = len(optim)
-    if world % ep:
-        raise CheckpointError(f"{tag_dir}: {world} optimizer shards are not divisible by ep_size={ep}")
-    shapes: list[dict[str, Any]] = model_states[PARAM_SHAPES]
-    counts = optim[0][PARTITION_COUNT]
-    counts = counts if isinstance(counts, list) else [counts] * len(shapes)
-    paddings = optim[0].get(PARAM_ALIGNMENT_PADDINGS)
+    optim = ep_zero12_optimizer_states(tag_dir, ep)
     states = [_per_group(o[BASE_OPTIMIZER_STATE]) for o in optim]  # [rank][group] -> {step, exp_avg, ...}
     steps = {_step_of(g["step"]) for per_rank in states for g in per_rank}
     if len(steps) != 1:
         raise CheckpointError(f"{tag_dir}: the optimizer's groups are at different steps {sorted(steps)}")
-    moments: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
-    for g, group_shapes in enumerate(shapes):
-        if counts[g] == world:
-            replicas = [list(range(world))]
-        elif counts[g] == world // ep:
-            replicas = [list(range(e, world, ep)) for e in range(ep)]
-        else:
-            raise CheckpointError(
-                f"{tag_dir}: group {g} has partition count {counts[g]} (world {world}, ep {ep})"
-            )
-        for m in MOMENTS:
-            pieces: dict[str, list[torch.Tensor]] = {}
-            for ranks in replicas:
-                full = torch.cat([states[r][g][m].reshape(-1) for r in ranks])
-                offset = 0
-                for i, (name, shape) in enumerate(group_shapes.items()):
-                    numel = math.prod(shape)
-                    pieces.setdefault(name, []).append(full.narrow(0, offset, numel).view(shape))
-                    offset += numel + (paddings[g][i] if paddings is not None else 0)
-            for name, parts in pieces.items():
-                moments[m][name] = torch.cat(parts, dim=0).clone()  # EP rank order = global expert order
+    moments = {
+        m: merge_ep_zero12_partitions(
+            tag_dir, ep, model_states, optim, [[g[m] for g in per_rank] for per_rank in states]
+        )
+        for m in MOMENTS
+    }
     return moments, steps.pop()
+
+
+def _held_expert_moments(tag_dir: Path, ep: int) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """ZeRO-3 × EP: the experts' AdamW moments from each EP rank's shard file (`HeldExperts.state_dict`),
+    whole ``[E, ...]``: the EP ranks' pieces concatenated in rank order."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in MOMENTS}
+    steps: set[int] = set()
+    for ep_rank in range(ep):
+        shard = expert_shard_path(tag_dir, ep_rank, ep)
+        optimizer = torch.load(shard, map_location="cpu", weights_only=True).get("optimizer") or {}
+        if not optimizer:
+            raise CheckpointError(
+                f"{shard}: no optimizer state for its experts (saved before the first step?)"
+            )
+        for name, entry in optimizer.items():
+            steps.add(_step_of(entry["step"]))
+            for m in MOMENTS:
+                pieces[m].setdefault(name, []).append(entry[m].float())
+    if len(steps) != 1:
+        raise CheckpointError(f"{tag_dir}: the expert shards are at different steps {sorted(steps)}")
+    return {m: {n: torch.cat(p, dim=0) for n, p in pieces[m].items()} for m in MOMENTS}, steps.pop()
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -423,9 +403,33 @@ def _fill_engine(
                     p.data.copy_(masters[n].to(p.dtype).view_as(p))
         else:
             raise CheckpointError(f"unknown ZeRO stage {stage}")
+        held = held_experts(engine)
+        if held is not None:  # ZeRO-3 × EP: the experts and their AdamW live outside the engine
+            _fill_held_experts(held, masters, moments, step, layout, path)
         for n, b in module.named_buffers():
             if n in masters:
                 b.copy_(masters[n].to(b.dtype).view_as(b))
+
+
+def _fill_held_experts(
+    held: HeldExperts,
+    masters: dict[str, torch.Tensor],
+    moments: dict[str, dict[str, torch.Tensor]],
+    step: int,
+    layout: Any,
+    path: Path,
+) -> None:
+    missing = [n for n in held.masters if n not in masters or any(n not in moments[m] for m in MOMENTS)]
+    if missing:
+        raise CheckpointError(f"{path}: no optimizer state for the experts {missing[:3]} of this model")
+    tensors, optimizer = {}, {}
+    for n, p in held.params.items():
+        tensors[n] = _local_rows(n, p, masters[n], layout, path)
+        optimizer[n] = {
+            "step": torch.tensor(float(step), dtype=torch.float32),  # torch AdamW's own state layout
+            **{m: _local_rows(n, p, moments[m][n], layout, path).float().clone() for m in MOMENTS},
+        }
+    held.load_state_dict({"tensors": tensors, "optimizer": optimizer}, str(path))
 
 
 def _local_rows(name: str, param: torch.Tensor, full: torch.Tensor, layout: Any, path: Path) -> torch.Tensor:

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from deepsuite.checkpoint.atomic import remove_interrupted_saves
 from deepsuite.checkpoint.init_from import load_initial_weights, missing_source_error
 from deepsuite.checkpoint.manager import (
-    CheckpointError,
     check_compatible,
     check_writable,
     load_checkpoint,
@@ -35,7 +34,7 @@ from deepsuite.checkpoint.manager import (
     save_checkpoint,
     verify_checkpoint,
 )
-from deepsuite.checkpoint.reshard import expert_parallel_refusal, layout_changed, load_resharded
+from deepsuite.checkpoint.reshard import layout_changed, load_resharded
 from deepsuite.checkpoint.rng import seed_everything
 from deepsuite.config.errors import ConfigError
 from deepsuite.config.loader import config_to_dict, dump_config
@@ -668,9 +667,6 @@ def _checked_resume(
         return None, {}
     state = verify_checkpoint(path, checksums=cfg.checkpoint.verify)
     check_compatible(state, cfg, path, world_size)
-    refusal = expert_parallel_refusal(path, state, cfg, world_size)
-    if refusal is not None:
-        raise CheckpointError(refusal)
     if sampler is not None:
         sampler.check_state(state.get("sampler", {}))
     return path, state

@@ -1,6 +1,7 @@
 """Resume on another layout: a checkpoint written on one world size and ZeRO stage, resumed with plain
 `checkpoint.resume` on another, continues exactly like an uninterrupted run on the new layout (its
-fp32 masters, Adam moments and step, LR schedule, data position and router biases carried over):
+fp32 masters, Adam moments and step, LR schedule, data position and router biases carried over; the
+routed experts held outside ZeRO-3 under ZeRO-3 × EP included):
 the next losses within 1e-5 relative, the consolidated weights (router biases included) within
 1e-5. The conversion is kept beside the checkpoint, written atomically, and reused."""
 
@@ -87,7 +88,8 @@ def test_deepseek_v3_resumes_on_other_layouts_with_and_without_expert_parallelis
 
     * 2 ranks ZeRO-2 → 1 rank ZeRO-0;
     * (a) 2 ranks EP 2 ZeRO-2 → 1 rank ZeRO-0, (b) → 4 ranks EP 2 ZeRO-2 (EP 2 × expert-data-parallel 2);
-    * (c) 1 rank ZeRO-0 → 2 ranks EP 2 ZeRO-1;
+    * (c) 1 rank ZeRO-0 → 2 ranks EP 2 ZeRO-3 (experts held outside the engine);
+    * (d) 2 ranks EP 2 ZeRO-3 → 1 rank ZeRO-0, (e) → 4 ranks EP 2 ZeRO-3;
     * a control: (a) with the experts' Adam moments zeroed in the conversion must not continue.
     """
     steps = K + 10
@@ -97,23 +99,41 @@ def test_deepseek_v3_resumes_on_other_layouts_with_and_without_expert_parallelis
         tmp_path,
         2,
         "dsv3:z2:first3:moved",
+        "dsv3:z3:ep2:first3:held",
         "dsv3:z2:ep2:every3:ep_full",
-        "dsv3:z1:ep2:resume:from_one",
+        "dsv3:z3:ep2:resume:from_one",
         steps=steps,
     )
     assert (two["moved"]["start"], two["moved"]["end"]) == (0, K)
     ep_full = two["ep_full"]
     _seed_from(tmp_path, "ep_full", "ep_to_one")
+    _seed_from(tmp_path, "held", "held_to_one")
     zeroed = _seed_from(tmp_path, "ep_full", "zeroed")
     _zero_expert_moments(reshard.ensure_universal(zeroed))  # converted here, reused by the resume
     one = _launch(
-        tmp_path, 1, "dsv3:z0:resume:moved", "dsv3:z0:resume:ep_to_one", "dsv3:z0:resume:zeroed", steps=steps
+        tmp_path,
+        1,
+        "dsv3:z0:resume:moved",
+        "dsv3:z0:resume:ep_to_one",
+        "dsv3:z0:resume:held_to_one",
+        "dsv3:z0:resume:zeroed",
+        steps=steps,
     )
     _seed_from(tmp_path, "ep_full", "ep_to_four")
-    four = _launch(tmp_path, 4, "dsv3:z2:ep2:resume:ep_to_four", steps=steps)
+    _seed_from(tmp_path, "held", "held_to_four")
+    four = _launch(
+        tmp_path, 4, "dsv3:z2:ep2:resume:ep_to_four", "dsv3:z3:ep2:resume:held_to_four", steps=steps
+    )
 
     resumed = {**one, "from_one": two["from_one"], **four}
-    sources = {"moved": (2, 2, 1), "ep_to_one": (2, 2, 2), "from_one": (1, 0, 1), "ep_to_four": (2, 2, 2)}
+    sources = {
+        "moved": (2, 2, 1),
+        "ep_to_one": (2, 2, 2),
+        "from_one": (1, 0, 1),
+        "ep_to_four": (2, 2, 2),
+        "held_to_one": (2, 3, 2),
+        "held_to_four": (2, 3, 2),
+    }
     for run, source in sources.items():
         _assert_meta(tmp_path, run, resumed[run], source, steps)
         assert resumed[run]["biases_identical_on_ranks"], run
@@ -131,6 +151,7 @@ def test_deepseek_v3_resumes_on_other_layouts_with_and_without_expert_parallelis
     # without the experts' moments the run does not continue: the test sees the expert state
     # (measured: 5.9e-5 relative in the losses, 4e-2 in the weights)
     assert _relative(resumed["zeroed"], ep_full) > 1e-5, resumed["zeroed"]["losses"]
+    _assert_held_moments_converted(tmp_path / "held_to_one" / "ckpt" / f"step_{K}")
 
     # the conversion is reused, and a killed conversion leaves no folder under the final name
     step = tmp_path / "moved" / "ckpt" / f"step_{K}"
@@ -157,6 +178,22 @@ def test_deepseek_v3_resumes_on_other_layouts_with_and_without_expert_parallelis
     finally:
         reshard.save_file = original  # type: ignore[assignment]
     assert not target.exists() and not list(target.parent.glob(".universal.tmp-*"))
+
+
+def _assert_held_moments_converted(step: Path) -> None:
+    """ZeRO-3 × EP: the experts' Adam moments in ``universal/`` are the EP ranks' held AdamW states,
+    concatenated in rank order (whole ``[E, ...]``)."""
+    shards = [
+        torch.load(step / "deepspeed" / f"expert_shard_ep{r:03d}_of002.pt", weights_only=True) for r in (0, 1)
+    ]
+    for moment in reshard.MOMENTS:
+        converted = load_file(step / "universal" / f"{moment}.safetensors")
+        names = sorted(shards[0]["optimizer"])
+        assert names and all(".experts." in n for n in names), names
+        for name in names:
+            whole = torch.cat([s["optimizer"][name][moment] for s in shards])
+            assert whole.abs().sum() > 0, name
+            torch.testing.assert_close(converted[name], whole, rtol=0, atol=0)
 
 
 def _zero_expert_moments(universal: Path) -> None:

@@ -1,10 +1,8 @@
-"""Which resumes need a layout conversion, and the refusal for ZeRO-3 × expert-parallel layouts."""
+"""Which resumes need a layout conversion (world size, ZeRO stage or ep_size changed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from deepsuite.checkpoint.reshard import expert_parallel_refusal, layout_changed, saved_ep_size
+from deepsuite.checkpoint.reshard import layout_changed, saved_ep_size
 from deepsuite.config.loader import config_from_dict
 
 DSV3 = {"name": "deepseek_v3", "flavor": "deepseek-v3-debug"}
@@ -26,17 +24,5 @@ def test_layout_changed() -> None:
     assert saved_ep_size(with_ep) == 2 and saved_ep_size(state) == 1
     assert not layout_changed(with_ep, _cfg(2, ep=2), 2)
     assert layout_changed(with_ep, _cfg(2), 2)
-
-
-def test_only_zero3_expert_parallel_layout_changes_are_refused_in_one_line(tmp_path: Path) -> None:
-    state = {"world_size": 2, "zero_stage": 2}
-    assert expert_parallel_refusal(tmp_path, state, _cfg(2), 2) is None  # same layout: plain resume
-    assert expert_parallel_refusal(tmp_path, state, _cfg(0), 1) is None  # converted
-    assert expert_parallel_refusal(tmp_path, state, _cfg(2, ep=2), 4) is None  # converted
-    with_ep = {**state, "files": EP2_FILES}
-    assert expert_parallel_refusal(tmp_path, with_ep, _cfg(0), 1) is None  # EP on the saved side: converted
-    message = expert_parallel_refusal(tmp_path, state, _cfg(3, ep=2), 4)
-    assert message is not None and "\n" not in message
-    assert "ZeRO-3 and expert parallelism is not supported yet" in message
-    assert "checkpoint.init_from" in message
-    assert expert_parallel_refusal(tmp_path, {**with_ep, "zero_stage": 3}, _cfg(2), 2) is not None
+    assert layout_changed(with_ep, _cfg(3, ep=2), 2)  # ZeRO-3 × EP is converted like any other
+    assert not layout_changed({**with_ep, "zero_stage": 3}, _cfg(3, ep=2), 2)
