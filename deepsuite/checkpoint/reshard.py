@@ -9,6 +9,7 @@ elsewhere it is converted once, on rank 0, into a layout-free form kept beside i
       exp_avg.safetensors     # Adam's first moment of every parameter, by name
       exp_avg_sq.safetensors  # Adam's second moment
       meta.json               # the optimizer step, the source layout
+      manifest.json           # checksums of the files above (a damaged folder is converted again)
 
 written through `atomic_dir` (a kill leaves no half-written folder; a later resume converts again or
 reuses the finished one). The sources: ZeRO-0 from the engine's plain torch optimizer state, named
@@ -38,6 +39,7 @@ import io
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepsuite.checkpoint.atomic import atomic_dir
+from deepsuite.checkpoint.checksums import check_folder, hash_folder, write_manifest
 from deepsuite.checkpoint.consolidate import (
     consolidated_state_dict,
     ep_zero12_optimizer_states,
@@ -96,7 +99,10 @@ def ensure_universal(path: Path) -> Path:
         barrier()
     else:
         try:
-            if not (target / "meta.json").is_file():
+            damage = check_folder(target).damage if (target / "meta.json").is_file() else None
+            if damage is not None:  # derived from the checkpoint: convert it again rather than trust it
+                warnings.warn(f"{target}: {damage}; converting {path} again", stacklevel=2)
+            if damage is not None or not (target / "meta.json").is_file():
                 for stale in path.glob(f".{UNIVERSAL_DIR}.*"):  # a killed conversion's temporary folder
                     shutil.rmtree(stale, ignore_errors=True)
                 write_universal(path, target)
@@ -126,6 +132,7 @@ def write_universal(path: Path, target: Path) -> None:
             "source_ep_size": saved_ep_size(state),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_manifest(tmp, hash_folder(tmp))
 
 
 def extract(

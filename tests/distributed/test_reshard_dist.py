@@ -17,6 +17,7 @@ from dist_spawn import torchrun
 from safetensors.torch import load_file, save_file
 
 from deepsuite.checkpoint import reshard
+from deepsuite.checkpoint.checksums import hash_folder, write_manifest
 from deepsuite.checkpoint.manager import verify_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -160,6 +161,14 @@ def test_deepseek_v3_resumes_on_other_layouts_with_and_without_expert_parallelis
     stamp = {p.name: p.stat().st_mtime_ns for p in universal.iterdir()}
     assert reshard.ensure_universal(step) == universal
     assert {p.name: p.stat().st_mtime_ns for p in universal.iterdir()} == stamp
+    # a damaged conversion is not trusted: converted again, with a warning
+    original_bytes = (universal / "fp32.safetensors").read_bytes()
+    damaged = bytearray(original_bytes)
+    damaged[-1] ^= 0xFF
+    (universal / "fp32.safetensors").write_bytes(bytes(damaged))
+    with pytest.warns(UserWarning, match="fp32.safetensors does not match its checksum"):
+        assert reshard.ensure_universal(step) == universal
+    assert (universal / "fp32.safetensors").read_bytes() == original_bytes
 
     target = tmp_path / "killed" / "universal"
     original = reshard.save_file
@@ -205,6 +214,8 @@ def _zero_expert_moments(universal: Path) -> None:
             {k: torch.zeros_like(v) if k in experts else v for k, v in tensors.items()},
             universal / f"{moment}.safetensors",
         )
+    # else the resume would find the folder damaged and convert it again
+    write_manifest(universal, hash_folder(universal))
 
 
 def test_one_rank_zero0_and_two_ranks_zero1_resume_on_two_ranks_zero3(tmp_path: Path) -> None:
