@@ -375,13 +375,26 @@ def _fill_engine(
 
     with torch.no_grad():
         if stage == 0:
-            if hasattr(opt, "fp32_groups") or hasattr(opt, "bf16_groups"):
+            # fp32: the engine's optimizer is the torch AdamW of the parameters themselves; bf16: DeepSpeed's
+            # unfused wrapper keeps an fp32 copy of each parameter (``fp32_groups``) and steps those
+            hp_of, base = {}, opt
+            if hasattr(opt, "fp32_groups"):
+                hp_of = {
+                    id(lp): hp
+                    for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                    for lp, hp in zip(lps, hps, strict=True)
+                }
+                base = opt.optimizer
+            elif hasattr(opt, "bf16_groups"):
                 raise CheckpointError(
-                    f"resuming {path} on ZeRO-0 with training.dtype other than fp32 is not supported yet"
+                    f"resuming {path} on ZeRO-0 under {type(opt).__name__} is not supported (expected a torch "
+                    "optimizer, or DeepSpeed's unfused bf16 wrapper); resume under ZeRO-1"
                 )
             for n, p in trained.items():
+                hp = hp_of.get(id(p), p)
+                hp.copy_(masters[n].to(hp.dtype).view_as(hp))
                 p.copy_(masters[n].to(p.dtype).view_as(p))
-                opt.state[p] = {
+                base.state[hp] = {
                     "step": torch.tensor(float(step), dtype=torch.float32),
                     **{m: moments[m][n].to(p.device, torch.float32).view_as(p).clone() for m in MOMENTS},
                 }
@@ -402,7 +415,7 @@ def _fill_engine(
             for flat in opt.fp32_partitioned_groups_flat:
                 base.state[flat] = fresh(flat)
             for n, p in trained.items():
-                safe_set_full_fp32_param(p, masters[n].to(p.dtype))
+                safe_set_full_fp32_param(p, masters[n].float())  # the fp32 master, not rounded to p.dtype
                 for m in MOMENTS:
                     safe_set_full_optimizer_state(p, moments[m][n].float(), m)
             with deepspeed.zero.GatheredParameters(list(trained.values()), modifier_rank=0):

@@ -232,3 +232,35 @@ def test_two_ranks_zero3_resume_on_one_rank_zero2(tmp_path: Path) -> None:
     reference = _run(tmp_path, "full", "gpt_tied:z2:full", nproc=1)
     resumed = _resharded(tmp_path, "from_z3", "gpt_tied", source=(2, 3), target=(1, 2))
     _assert_continues(tmp_path, "from_z3", "full", resumed, reference)
+
+
+def test_bf16_checkpoints_move_between_layouts_exactly(tmp_path: Path) -> None:
+    """bf16 runs (fp32 masters in the optimizer, bf16 weights): a checkpoint loaded on another layout and
+    saved again at once holds the very same fp32 masters, Adam moments, buffers and step. GPT untied
+    2 ranks ZeRO-1 → 1 rank ZeRO-0 (DeepSpeed's bf16 wrapper with per-parameter fp32 copies) and →
+    2 ranks ZeRO-3; DeepSeek-V3 2 ranks EP 2 ZeRO-2 → 1 rank ZeRO-0 and → 2 ranks EP 2 ZeRO-3 (the
+    held experts' fp32 masters). Each saved copy is converted again, so bf16 ZeRO-0 and ZeRO-3 × EP
+    are also proven as sources."""
+    _launch(tmp_path, 2, "gpt_untied:z1:bf16:first3:g_src", "dsv3:z2:ep2:bf16:first3:d_src")
+    pairs = {"g_to_one": "g_src", "g_to_z3": "g_src", "d_to_one": "d_src", "d_to_z3": "d_src"}
+    for run, source in pairs.items():
+        shutil.copytree(tmp_path / source / "ckpt" / f"step_{K}", tmp_path / run / "source" / f"step_{K}")
+    _launch(tmp_path, 1, "gpt_untied:z0:bf16:roundtrip:g_to_one", "dsv3:z0:bf16:roundtrip:d_to_one")
+    _launch(tmp_path, 2, "gpt_untied:z3:bf16:roundtrip:g_to_z3", "dsv3:z3:ep2:bf16:roundtrip:d_to_z3")
+
+    for run, source in pairs.items():
+        want = reshard.ensure_universal(tmp_path / source / "ckpt" / f"step_{K}")
+        got = reshard.ensure_universal(tmp_path / run / "ckpt" / f"step_{K}")
+        assert json.loads((got / "meta.json").read_text())["step"] == K
+        for name in ("fp32", *reshard.MOMENTS):
+            a, b = load_file(want / f"{name}.safetensors"), load_file(got / f"{name}.safetensors")
+            assert a.keys() == b.keys(), (run, name, sorted(a.keys() ^ b.keys()))
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{run}: {name} {key}")
+        masters = load_file(want / "fp32.safetensors")
+        # the masters carry more than bf16 precision (a master rounded to bf16 on the way would be seen)
+        assert any(not torch.equal(t, t.bfloat16().float()) for k, t in masters.items() if "weight" in k), run
+        if source == "d_src":
+            assert any(".experts." in k for k in masters) and any(
+                "e_score_correction_bias" in k for k in masters
+            )

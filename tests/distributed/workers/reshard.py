@@ -1,10 +1,12 @@
 """The real trainer for the resharding test, one or more cases per launch: ``--cases`` is a comma-separated
-list of ``<model>:z<stage>[:ep<size>]:<mode>:<run>``, each run in ``<dir>/<run>``, with mode ``full``
-(all ``--steps`` steps), ``every<k>`` (all steps, a checkpoint every k), ``first<k>`` (k steps, then
-the checkpoint ``max_steps_per_run`` writes) or ``resume`` (plain resume of the newest checkpoint in
-``<dir>/<run>/ckpt``, on this world, stage and ep size). Writes per run the losses of the steps it
-trained, the router biases after them and whether every rank holds the very same, and, from rank 0,
-the consolidated weights of the final checkpoint (``<dir>/<run>/weights.safetensors``)."""
+list of ``<model>:z<stage>[:ep<size>][:bf16]:<mode>:<run>``, each run in ``<dir>/<run>``, with mode
+``full`` (all ``--steps`` steps), ``every<k>`` (all steps, a checkpoint every k), ``first<k>`` (k steps,
+then the checkpoint ``max_steps_per_run`` writes), ``resume`` (plain resume of the newest checkpoint in
+``<dir>/<run>/ckpt``, on this world, stage and ep size) or ``roundtrip`` (load the newest checkpoint of
+``<dir>/<run>/source`` on this layout and save it again at once, into ``<dir>/<run>/ckpt``: no step in
+between). Writes per run the losses of the steps it trained, the router biases after them and whether
+every rank holds the very same, and, from rank 0, the consolidated weights of the final checkpoint
+(``<dir>/<run>/weights.safetensors``)."""
 
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ import torch.distributed as dist  # noqa: E402
 from deepsuite.checkpoint.consolidate import consolidated_state_dict  # noqa: E402
 from deepsuite.config.loader import config_from_dict  # noqa: E402
 from deepsuite.layers.moe import DeepSeekMoE  # noqa: E402
-from deepsuite.parallel.dist import destroy_distributed  # noqa: E402
-from deepsuite.training.trainer import train  # noqa: E402
+from deepsuite.parallel.dist import destroy_distributed, restore_torch_linear  # noqa: E402
+from deepsuite.training.trainer import Trainer, train  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "gpt_tied": {"name": "gpt", "flavor": "gpt2-debug", "tie_embeddings": True},
@@ -47,7 +49,7 @@ def _recording_update_bias(self: DeepSeekMoE, global_load: torch.Tensor, rate: f
 DeepSeekMoE.update_bias = _recording_update_bias  # type: ignore[method-assign]
 
 
-def config(model: str, stage: str, ep: int, mode: str, run: Path) -> Any:
+def config(model: str, stage: str, ep: int, mode: str, run: Path, dtype: str = "fp32") -> Any:
     return config_from_dict(
         {
             "model": MODELS[model],
@@ -63,7 +65,7 @@ def config(model: str, stage: str, ep: int, mode: str, run: Path) -> Any:
                 "sample_tokens": 0,
                 "router_bias_update_rate": 0.01,
                 "grad_clip": 1.0,
-                "dtype": "fp32",
+                "dtype": dtype,
             },
             "schedule": {"warmup_steps": 2},
             "parallel": {"zero_stage": int(stage.removeprefix("z")), "ep_size": ep},
@@ -95,7 +97,16 @@ for case in [c for c in args.cases.split(",") if c]:
     ep = next((int(o.removeprefix("ep")) for o in options if o.startswith("ep")), 1)
     run = args.dir / name
     _moe_layers.clear()
-    out = train(config(model, stage, ep, mode, run))
+    cfg = config(model, stage, ep, mode, run, "bf16" if "bf16" in options else "fp32")
+    if mode == "roundtrip":
+        trainer = Trainer(cfg, resume=str(run / "source"))
+        trainer.load()
+        trainer.save()
+        del trainer
+        restore_torch_linear()
+        result[name] = {"saved": True}
+        continue
+    out = train(cfg)
     biases, identical = _biases()
     if dist.get_rank() == 0 and out.end_step == args.steps:
         weights = consolidated_state_dict(out.checkpoint)
