@@ -69,3 +69,62 @@ def optimizer_bytes(engine: Any) -> int:
     total += sum(_nbytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
     total += sum(_nbytes(t) for t in getattr(opt, "fp32_partitioned_groups_flat", []))
     return total
+
+
+# --- the trainer workers (zero_matrix.py, reshard.py): the same tiny models and batch on every layout
+
+MODELS: dict[str, dict[str, Any]] = {
+    "gpt_tied": {"name": "gpt", "flavor": "gpt2-debug", "tie_embeddings": True},
+    "gpt_untied": {"name": "gpt", "flavor": "gpt2-debug", "tie_embeddings": False},
+    "dsv3": {"name": "deepseek_v3", "flavor": "deepseek-v3-debug", "n_layers": 2, "d_model": 64},
+}
+"""GPT tied and untied, and the default DeepSeek-V3 (one MTP module) shrunk to 2 layers of d 64."""
+
+
+def training_settings(steps: int, dtype: str = "fp32", **extra: Any) -> dict[str, Any]:
+    """The ``training`` section of every case: 8 windows of 32 tokens per step in micro-batches of 2,
+    router bias updates and gradient clipping on, no evaluation or samples."""
+    return {
+        "steps": steps,
+        "seq_len": 32,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "eval_every": 1000,
+        "eval_batches": 1,
+        "sample_tokens": 0,
+        "router_bias_update_rate": 0.01,
+        "grad_clip": 1.0,
+        "dtype": dtype,
+        **extra,
+    }
+
+
+class RouterBiases:
+    """Remembers every MoE layer that takes a router-bias step (by wrapping ``DeepSeekMoE.update_bias``)
+    so that a worker can read their biases once a run is over. Create after `init`."""
+
+    def __init__(self) -> None:
+        # imported here, not at the top: `init` picks DeepSpeed's accelerator before deepsuite loads it
+        from deepsuite.layers.moe import DeepSeekMoE
+
+        layers: dict[int, Any] = {}
+        original = DeepSeekMoE.update_bias
+
+        def recording(moe: Any, global_load: torch.Tensor, rate: float) -> None:
+            layers[id(moe)] = moe
+            original(moe, global_load, rate)
+
+        DeepSeekMoE.update_bias = recording  # type: ignore[method-assign]
+        self.layers = layers
+
+    def clear(self) -> None:
+        """Forget the layers of the previous run."""
+        self.layers.clear()
+
+    def gathered(self) -> tuple[torch.Tensor, bool]:
+        """The router biases of the last run (flat) and whether every rank holds the very same."""
+        biases = [m.gate.e_score_correction_bias.detach().clone() for m in self.layers.values()]
+        flat = torch.cat(biases) if biases else torch.zeros(0)
+        every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flat)
+        return flat, all(torch.equal(g, flat) for g in every)

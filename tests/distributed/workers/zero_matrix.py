@@ -19,38 +19,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import grad_bytes, init, optimizer_bytes, param_bytes, write
+from _common import (
+    MODELS,
+    RouterBiases,
+    grad_bytes,
+    init,
+    optimizer_bytes,
+    param_bytes,
+    training_settings,
+    write,
+)
 
 args = init()
 
 from deepsuite.config.loader import config_from_dict  # noqa: E402
-from deepsuite.layers.moe import DeepSeekMoE  # noqa: E402
 from deepsuite.parallel.dist import destroy_distributed  # noqa: E402
 from deepsuite.parallel.expert_parallel import held_experts  # noqa: E402
 from deepsuite.training.trainer import Trainer, train  # noqa: E402
 
-MODELS: dict[str, dict[str, Any]] = {
-    "gpt_tied": {"name": "gpt", "flavor": "gpt2-debug", "tie_embeddings": True},
-    "gpt_untied": {"name": "gpt", "flavor": "gpt2-debug", "tie_embeddings": False},
-    "dsv3": {"name": "deepseek_v3", "flavor": "deepseek-v3-debug", "n_layers": 2, "d_model": 64},
-}
 STEPS = args.steps
-
-# The MoE layers that took a bias step, to read their biases once training is over.
-_moe_layers: dict[int, DeepSeekMoE] = {}
-_update_bias = DeepSeekMoE.update_bias
-
-
-def _recording_update_bias(self: DeepSeekMoE, global_load: torch.Tensor, rate: float) -> None:
-    _moe_layers[id(self)] = self
-    _update_bias(self, global_load, rate)
-
-
-DeepSeekMoE.update_bias = _recording_update_bias  # type: ignore[method-assign]
+biases = RouterBiases()
 
 
 def config(case: str, run: Path, suffix: str = "") -> Any:
@@ -62,18 +53,7 @@ def config(case: str, run: Path, suffix: str = "") -> Any:
         {
             "model": MODELS[model],
             "data": {"out_dir": "data/shakespeare"},
-            "training": {
-                "steps": STEPS,
-                "seq_len": 32,
-                "global_batch_size": 8,
-                "micro_batch_size": 2,
-                "eval_every": 1000,
-                "eval_batches": 1,
-                "sample_tokens": 0,
-                "router_bias_update_rate": 0.01,
-                "grad_clip": 1.0,
-                "dtype": "fp32",
-            },
+            "training": training_settings(STEPS),
             "schedule": {"warmup_steps": 2},
             "parallel": {
                 "zero_stage": int(stage.removeprefix("z")),
@@ -134,24 +114,15 @@ def _measuring_train_step(self: Trainer) -> dict[str, float]:
 Trainer.train_step = _measuring_train_step  # type: ignore[method-assign]
 
 
-def _biases() -> tuple[torch.Tensor, bool]:
-    """The router biases of the last run and whether every rank holds the very same."""
-    biases = [m.gate.e_score_correction_bias.detach().clone() for m in _moe_layers.values()]
-    flat = torch.cat(biases) if biases else torch.zeros(0)
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    return flat, all(torch.equal(g, flat) for g in gathered)
-
-
 result: dict[str, Any] = {}
 for case in [c for c in args.cases.split(",") if c]:
-    _moe_layers.clear()
+    biases.clear()
     _measured.clear()
     _measure_case = "bytes" in case.split(":")
     run = args.dir / case.replace(":", "_")
     cfg = config(case, run)
     out = train(cfg)
-    flat, identical = _biases()
+    flat, identical = biases.gathered()
     result[case] = {
         "losses": out.losses,
         "grad_norms": _grad_norms(Path(cfg.logging.run_dir)) if dist.get_rank() == 0 else [],
@@ -165,10 +136,10 @@ for case in [c for c in args.cases.split(",") if c]:
         result[case]["bytes_per_rank"] = every
     if "resume" in case.split(":"):
         # a second run from the step-5 checkpoint, into its own checkpoint folder
-        _moe_layers.clear()
+        biases.clear()
         _measure_case = False
         resumed = train(config(case, run, "_resumed"), resume=str(run / "ckpt" / "step_5"))
-        flat, identical = _biases()
+        flat, identical = biases.gathered()
         result[case]["resumed"] = {
             "start_step": resumed.start_step,
             "losses": resumed.losses,
