@@ -127,7 +127,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fails(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, code: int = 2) -> str:
-    """Run the CLI, check the exit status and that stderr's last line is one `error: …` matching `pattern`."""
+    """Run the CLI: exit status ``code``, no traceback, and exactly one `error: …` line on stderr, its
+    last line, matching ``pattern``; returns that line."""
     import re
 
     from deepsuite.cli import main
@@ -137,6 +138,7 @@ def fails(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, cod
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "no error message"
     assert err[-1].startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in err) == 1, err
     assert "Traceback" not in "\n".join(err)
     assert re.search(pattern, err[-1]), err[-1]
     return err[-1]

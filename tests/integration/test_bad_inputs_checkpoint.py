@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import train_argv
+from conftest import fails, train_argv
 
 from deepsuite.cli import main
 
@@ -43,19 +43,6 @@ def copy_of(trained: Path, tmp_path: Path) -> Path:
     out = tmp_path / "c"
     shutil.copytree(trained, out)
     return out
-
-
-def one_error(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str) -> str:
-    """Run the CLI: exit status 2, and stderr holds exactly one `error: …` line, matching ``pattern``,
-    and no traceback."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert re.search(pattern, errors[0]), errors[0]
-    return errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -106,7 +93,7 @@ def test_hf_config_with_a_non_finite_number_is_refused(
         "inspect": ["inspect", str(hf)],
     }[command]
     shown = "Infinity" if value == "1e999" else value
-    one_error(capsys, argv, rf"{config}: {key} is {shown}, which JSON does not allow")
+    fails(capsys, argv, rf"{config}: {key} is {shown}, which JSON does not allow")
     assert not (c / "out").exists()
     assert not (c / "new").exists() or not any((c / "new").glob("*step_*"))
 
@@ -197,7 +184,7 @@ def test_os_error_during_a_checkpoint_save_ends_in_one_line(
     before = snapshot(run / "step_4")
     inject_save_failure(monkeypatch, case, run)
     try:
-        one_error(
+        fails(
             capsys,
             train_argv(tiny_data, run, training__steps=6, training__sample_tokens=0),
             rf"^error: could not write checkpoint step_6 to {run}: {reason}; {re.escape(fix)}; "
@@ -266,7 +253,7 @@ def test_os_error_while_writing_an_export_ends_in_one_line(
         expect = "Read-only file system; remount it read-write or write it elsewhere"
     before = snapshot(dst) if dst.exists() else None
     try:
-        one_error(
+        fails(
             capsys, argv, rf"^error: could not write {dst}: {re.escape(expect)} \({dst} was left as it was\)$"
         )
     finally:
@@ -317,7 +304,7 @@ def test_named_pipe_where_a_checkpoint_file_belongs_is_refused_unopened(
         argv = [*argv[:-1], "checkpoint.verify=false", "--resume"]
     if argv[0] == "convert":
         argv += [str(c / "out"), *unverified]
-    one_error(capsys, argv, rf"{c / name} is a named pipe, not a regular file")
+    fails(capsys, argv, rf"{c / name} is a named pipe, not a regular file")
     assert not (c / "out").exists() and not (c / "run" / "step_6").exists()
 
 

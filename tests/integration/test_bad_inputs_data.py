@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +21,6 @@ from conftest import fails, hf_tokenizer_folder, train_argv, write_corpus
 from deepsuite.cli import main
 from deepsuite.config import load_config
 from deepsuite.data import prepare_data
-
-
-def copy_data(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def test_garbage_tokenizer_is_refused_at_start_up(
 ) -> None:
     """It used to be trained on: checkpoints written, `latest` moved."""
     src, name = (tiny_data, "tokenizer.model") if kind == "sentencepiece" else (hf_data, "tokenizer.json")
-    data = copy_data(src, tmp_path / "data")
+    data = shutil.copytree(src, tmp_path / "data")
     junk(data / name)
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     argv = train_argv(data, tmp_path / "run", model__vocab_size=vocab)
@@ -81,7 +75,7 @@ def test_tokenizer_of_another_vocabulary_is_refused(
     and have the vocabulary the shards were written with."""
     from deepsuite.data.tokenizer import train_tokenizer
 
-    data = copy_data(tiny_data, tmp_path / "data")
+    data = shutil.copytree(tiny_data, tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
     del meta["tokenizer_sha256"]
     (data / "meta.json").write_text(json.dumps(meta))
@@ -105,7 +99,7 @@ def test_deleted_tokenizer_is_refused_before_anything_is_saved(
     capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path, dry_run: bool
 ) -> None:
     """It used to end in a traceback at the first save, leaving a `tmp-step_N` folder behind."""
-    data = copy_data(tiny_data, tmp_path / "data")
+    data = shutil.copytree(tiny_data, tmp_path / "data")
     (data / "tokenizer.model").unlink()
     argv = train_argv(data, tmp_path / "run")
     fails(capsys, [*argv, "--dry-run"] if dry_run else argv, r"tokenizer.model is missing")
@@ -183,7 +177,7 @@ def test_rerun_after_sigkill_removes_the_killed_runs_temporary_folder(
 def test_named_pipe_in_a_data_folder_is_refused_unopened(
     capsys: pytest.CaptureFixture[str], tiny_data: Path, tmp_path: Path, name: str, dry_run: bool
 ) -> None:
-    data = copy_data(tiny_data, tmp_path / "data")
+    data = shutil.copytree(tiny_data, tmp_path / "data")
     (data / name).unlink()
     os.mkfifo(data / name)
     argv = train_argv(data, tmp_path / "run")
