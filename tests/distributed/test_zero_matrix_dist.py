@@ -56,6 +56,9 @@ def test_every_model_under_every_zero_stage_matches_one_process(tmp_path: Path) 
         assert got[case]["biases_identical_on_ranks"], case
         assert got[case]["biases"] == want["biases"], case
         assert got[case]["moved_biases"] == case.startswith("dsv3"), case
+    # the end-of-run MTP report (speculative decoding, collective under ZeRO-3), on in this case only
+    assert [c for c in CASES if got[c]["mtp_acceptance"] is not None] == ["dsv3:z3"]
+    assert 0.0 <= got["dsv3:z3"]["mtp_acceptance"] <= 1.0
     _check_zero3_ep(tmp_path / "w2", got, "dsv3:z3:ep2:resume", dense_norms=got["dsv3:z3"])
     _check_consolidated(tmp_path / "w2", "dsv3:z3:ep2:resume", tmp_path / "ref" / "dsv3_z0" / "ckpt")
 

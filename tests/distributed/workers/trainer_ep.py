@@ -91,6 +91,7 @@ def config(run: Path, ep: int, steps: int, per_run: int = 0) -> object:
                 "eval_every": 1000,
                 "eval_batches": 1,
                 "sample_tokens": 8 if native else 0,  # generation under EP is collective (trainer edit)
+                "report_mtp_acceptance": native,  # speculative decoding under EP: once is enough
                 "max_steps_per_run": per_run,
                 "router_bias_update_rate": 0.01,
             },

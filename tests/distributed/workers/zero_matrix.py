@@ -53,7 +53,8 @@ def config(case: str, run: Path, suffix: str = "") -> Any:
         {
             "model": MODELS[model],
             "data": {"out_dir": "data/shakespeare"},
-            "training": training_settings(STEPS),
+            # one case proves the end-of-run speculative decoding report under ZeRO-3 on 2 ranks
+            "training": training_settings(STEPS, report_mtp_acceptance=case == "dsv3:z3"),
             "schedule": {"warmup_steps": 2},
             "parallel": {
                 "zero_stage": int(stage.removeprefix("z")),
@@ -129,6 +130,7 @@ for case in [c for c in args.cases.split(",") if c]:
         "biases": flat.tolist(),
         "biases_identical_on_ranks": identical,
         "moved_biases": bool(flat.abs().sum() > 0),
+        "mtp_acceptance": out.mtp_acceptance,
     }
     if _measured:
         every = [None] * dist.get_world_size()
