@@ -34,21 +34,6 @@ def _launch(tmp_path: Path, nproc: int, *cases: str, steps: int = STEPS) -> dict
     )  # fmt: skip
 
 
-def _run(tmp_path: Path, run: str, case: str, nproc: int) -> dict:
-    return _launch(tmp_path, nproc, f"{case}:{run}")[run]
-
-
-def _resharded(
-    tmp_path: Path, run: str, model: str, source: tuple[int, int], target: tuple[int, int]
-) -> dict:
-    """Train K steps on ``source`` (ranks, stage), then resume on ``target`` (ranks, stage)."""
-    first = _run(tmp_path, run, f"{model}:z{source[1]}:first{K}", nproc=source[0])
-    assert (first["start"], first["end"]) == (0, K)
-    resumed = _run(tmp_path, run, f"{model}:z{target[1]}:resume", nproc=target[0])
-    _assert_meta(tmp_path, run, resumed, (*source, 1))
-    return resumed
-
-
 def _assert_meta(
     tmp_path: Path, run: str, resumed: dict, source: tuple[int, int, int], steps: int = STEPS
 ) -> None:
@@ -218,36 +203,49 @@ def _zero_expert_moments(universal: Path) -> None:
     write_manifest(universal, hash_folder(universal))
 
 
-def test_one_rank_zero0_and_two_ranks_zero1_resume_on_two_ranks_zero3(tmp_path: Path) -> None:
-    """GPT with an untied LM head: 1 rank ZeRO-0 → 2 ranks ZeRO-3, 2 ranks ZeRO-1 → 2 ranks ZeRO-3."""
-    reference = _run(tmp_path, "full", "gpt_untied:z3:full", nproc=2)
-    from_one = _resharded(tmp_path, "from_z0", "gpt_untied", source=(1, 0), target=(2, 3))
-    _assert_continues(tmp_path, "from_z0", "full", from_one, reference)
-    from_z1 = _resharded(tmp_path, "from_z1", "gpt_untied", source=(2, 1), target=(2, 3))
-    _assert_continues(tmp_path, "from_z1", "full", from_z1, reference)
+def test_gpt_resumes_on_other_zero_stages_and_bf16_checkpoints_move_exactly(tmp_path: Path) -> None:
+    """Three launches (1 rank, 2 ranks, 1 rank):
 
+    * GPT untied, 1 rank ZeRO-0 → 2 ranks ZeRO-3 and 2 ranks ZeRO-1 → 2 ranks ZeRO-3; GPT tied, 2 ranks
+      ZeRO-3 (masters and moments in per-rank lists of sub-group partitions) → 1 rank ZeRO-2: the
+      next losses and the final weights against uninterrupted runs on the target layout.
+    * bf16 (fp32 masters in the optimizer, bf16 weights): a checkpoint loaded on another layout and
+      saved again at once holds the very same fp32 masters, Adam moments, buffers and step. GPT untied
+      2 ranks ZeRO-1 → 1 rank ZeRO-0 (DeepSpeed's bf16 wrapper with per-parameter fp32 copies) and → 2
+      ranks ZeRO-3; DeepSeek-V3 2 ranks EP 2 ZeRO-2 → 1 rank ZeRO-0 and → 2 ranks EP 2 ZeRO-3 (the held
+      experts' fp32 masters). Each saved copy is converted again, so bf16 ZeRO-0 and ZeRO-3 × EP are
+      proven as sources too.
+    """
+    one = _launch(tmp_path, 1, "gpt_untied:z0:first3:from_z0", "gpt_tied:z2:full:tied_full")
+    two = _launch(
+        tmp_path,
+        2,
+        "gpt_untied:z3:full:untied_full",
+        "gpt_untied:z3:resume:from_z0",
+        "gpt_untied:z1:first3:from_z1",
+        "gpt_untied:z3:resume:from_z1",
+        "gpt_tied:z3:first3:from_z3",
+        "gpt_untied:z1:bf16:first3:g_src",
+        "dsv3:z2:ep2:bf16:first3:d_src",
+        "gpt_untied:z3:bf16:from-g_src:g_to_z3",
+        "dsv3:z3:ep2:bf16:from-d_src:d_to_z3",
+    )
+    last = _launch(
+        tmp_path,
+        1,
+        "gpt_tied:z2:resume:from_z3",
+        "gpt_untied:z0:bf16:from-g_src:g_to_one",
+        "dsv3:z0:bf16:from-d_src:d_to_one",
+    )
+    assert (one["from_z0"]["start"], one["from_z0"]["end"]) == (0, K)
+    resumed = {"from_z0": (1, 0), "from_z1": (2, 1)}
+    for run, source in resumed.items():
+        _assert_meta(tmp_path, run, two[run], (*source, 1))
+        _assert_continues(tmp_path, run, "untied_full", two[run], two["untied_full"])
+    _assert_meta(tmp_path, "from_z3", last["from_z3"], (2, 3, 1))
+    _assert_continues(tmp_path, "from_z3", "tied_full", last["from_z3"], one["tied_full"])
 
-def test_two_ranks_zero3_resume_on_one_rank_zero2(tmp_path: Path) -> None:
-    """The ZeRO-3 source (its masters and moments in per-rank lists of sub-group partitions)."""
-    reference = _run(tmp_path, "full", "gpt_tied:z2:full", nproc=1)
-    resumed = _resharded(tmp_path, "from_z3", "gpt_tied", source=(2, 3), target=(1, 2))
-    _assert_continues(tmp_path, "from_z3", "full", resumed, reference)
-
-
-def test_bf16_checkpoints_move_between_layouts_exactly(tmp_path: Path) -> None:
-    """bf16 runs (fp32 masters in the optimizer, bf16 weights): a checkpoint loaded on another layout and
-    saved again at once holds the very same fp32 masters, Adam moments, buffers and step. GPT untied
-    2 ranks ZeRO-1 → 1 rank ZeRO-0 (DeepSpeed's bf16 wrapper with per-parameter fp32 copies) and →
-    2 ranks ZeRO-3; DeepSeek-V3 2 ranks EP 2 ZeRO-2 → 1 rank ZeRO-0 and → 2 ranks EP 2 ZeRO-3 (the
-    held experts' fp32 masters). Each saved copy is converted again, so bf16 ZeRO-0 and ZeRO-3 × EP
-    are also proven as sources."""
-    _launch(tmp_path, 2, "gpt_untied:z1:bf16:first3:g_src", "dsv3:z2:ep2:bf16:first3:d_src")
     pairs = {"g_to_one": "g_src", "g_to_z3": "g_src", "d_to_one": "d_src", "d_to_z3": "d_src"}
-    for run, source in pairs.items():
-        shutil.copytree(tmp_path / source / "ckpt" / f"step_{K}", tmp_path / run / "source" / f"step_{K}")
-    _launch(tmp_path, 1, "gpt_untied:z0:bf16:roundtrip:g_to_one", "dsv3:z0:bf16:roundtrip:d_to_one")
-    _launch(tmp_path, 2, "gpt_untied:z3:bf16:roundtrip:g_to_z3", "dsv3:z3:ep2:bf16:roundtrip:d_to_z3")
-
     for run, source in pairs.items():
         want = reshard.ensure_universal(tmp_path / source / "ckpt" / f"step_{K}")
         got = reshard.ensure_universal(tmp_path / run / "ckpt" / f"step_{K}")

@@ -43,8 +43,17 @@ def _run(tmp_path: Path, name: str, cases: list[str], nproc: int) -> dict:
     )  # fmt: skip
 
 
-def test_every_model_under_every_zero_stage_matches_one_process(tmp_path: Path) -> None:
-    ref = _run(tmp_path, "ref", [f"{m}:z0" for m in MODELS], nproc=1)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Every model on 1 rank with ZeRO-0 in fp32 (one launch for both tests): (folder, results)."""
+    root = tmp_path_factory.mktemp("matrix")
+    return root / "ref", _run(root, "ref", [f"{m}:z0" for m in MODELS], nproc=1)
+
+
+def test_every_model_under_every_zero_stage_matches_one_process(
+    tmp_path: Path, reference: tuple[Path, dict]
+) -> None:
+    ref_dir, ref = reference
     got = _run(tmp_path, "w2", CASES, nproc=2)
     for case in CASES:
         want = ref[case.split(":")[0] + ":z0"]
@@ -60,7 +69,7 @@ def test_every_model_under_every_zero_stage_matches_one_process(tmp_path: Path) 
     assert [c for c in CASES if got[c]["mtp_acceptance"] is not None] == ["dsv3:z3"]
     assert 0.0 <= got["dsv3:z3"]["mtp_acceptance"] <= 1.0
     _check_zero3_ep(tmp_path / "w2", got, "dsv3:z3:ep2:resume", dense_norms=got["dsv3:z3"])
-    _check_consolidated(tmp_path / "w2", "dsv3:z3:ep2:resume", tmp_path / "ref" / "dsv3_z0" / "ckpt")
+    _check_consolidated(tmp_path / "w2", "dsv3:z3:ep2:resume", ref_dir / "dsv3_z0" / "ckpt")
 
 
 def _check_zero3_ep(run_dir: Path, got: dict, case: str, dense_norms: dict) -> None:
@@ -97,8 +106,10 @@ def test_split_lm_head_under_zero3(tmp_path: Path) -> None:
     assert res["losses"][-1] < res["losses"][0]
 
 
-def test_deepseek_v3_expert_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
-    ref = _run(tmp_path, "ref", ["dsv3:z0"], nproc=1)["dsv3:z0"]
+def test_deepseek_v3_expert_parallel_on_four_ranks_matches_one_process(
+    tmp_path: Path, reference: tuple[Path, dict]
+) -> None:
+    ref_dir, ref = reference[0], reference[1]["dsv3:z0"]
     got = _run(tmp_path, "w4", EP4_CASES, nproc=4)
     for case in EP4_CASES:
         losses = got[case]["losses"]
@@ -111,7 +122,7 @@ def test_deepseek_v3_expert_parallel_on_four_ranks_matches_one_process(tmp_path:
         assert got[case]["biases"] == ref["biases"], case
     case = "dsv3:z3:ep2:resume:bytes"
     _check_zero3_ep(tmp_path / "w4", got, case, dense_norms=got["dsv3:z2:ep2"])
-    _check_consolidated(tmp_path / "w4", case, tmp_path / "ref" / "dsv3_z0" / "ckpt")
+    _check_consolidated(tmp_path / "w4", case, ref_dir / "dsv3_z0" / "ckpt")
     # `deepsuite plan`'s per-rank bytes vs the tensors each of the 4 ranks holds (EP 2 × EDP 2)
     model = ModelConfig(name="deepseek_v3", flavor="deepseek-v3-debug", args={"n_layers": 2, "d_model": 64})
     expected = plan(model, PlanInput(nodes=1, gpus_per_node=4, zero_stage=3, ep_size=2, dtype="fp32"))

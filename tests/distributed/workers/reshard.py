@@ -2,8 +2,8 @@
 list of ``<model>:z<stage>[:ep<size>][:bf16]:<mode>:<run>``, each run in ``<dir>/<run>``, with mode
 ``full`` (all ``--steps`` steps), ``every<k>`` (all steps, a checkpoint every k), ``first<k>`` (k steps,
 then the checkpoint ``max_steps_per_run`` writes), ``resume`` (plain resume of the newest checkpoint in
-``<dir>/<run>/ckpt``, on this world, stage and ep size) or ``roundtrip`` (load the newest checkpoint of
-``<dir>/<run>/source`` on this layout and save it again at once, into ``<dir>/<run>/ckpt``: no step in
+``<dir>/<run>/ckpt``, on this world, stage and ep size) or ``from-<src>`` (load the newest checkpoint of
+run ``<src>`` on this layout and save it again at once, into ``<dir>/<run>/ckpt``: no step in
 between). Writes per run the losses of the steps it trained, the router biases after them and whether
 every rank holds the very same, and, from rank 0, the consolidated weights of the final checkpoint
 (``<dir>/<run>/weights.safetensors``)."""
@@ -62,8 +62,8 @@ for case in [c for c in args.cases.split(",") if c]:
     run = args.dir / name
     biases.clear()
     cfg = config(model, stage, ep, mode, run, "bf16" if "bf16" in options else "fp32")
-    if mode == "roundtrip":
-        trainer = Trainer(cfg, resume=str(run / "source"))
+    if mode.startswith("from-"):
+        trainer = Trainer(cfg, resume=str(args.dir / mode.removeprefix("from-") / "ckpt"))
         trainer.load()
         trainer.save()
         del trainer
