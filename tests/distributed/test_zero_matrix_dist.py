@@ -65,6 +65,15 @@ def test_every_model_under_every_zero_stage_matches_one_process(
         assert got[case]["biases_identical_on_ranks"], case
         assert got[case]["biases"] == want["biases"], case
         assert got[case]["moved_biases"] == case.startswith("dsv3"), case
+    # every stage's final checkpoint consolidates to the reference's weights (10 fp32 Adam steps on
+    # another reduction order: rarely seen embedding rows move apart by a few 1e-5)
+    for case in CASES:
+        want = consolidated_state_dict(ref_dir / (case.split(":")[0] + "_z0") / "ckpt")
+        got_weights = consolidated_state_dict(tmp_path / "w2" / case.replace(":", "_") / "ckpt")
+        assert set(got_weights) == set(want), (case, sorted(set(got_weights) ^ set(want)))
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(got_weights[key], value, rtol=0, atol=5e-5, msg=f"{case}: {key}")
     # the end-of-run MTP report (speculative decoding, collective under ZeRO-3), on in this case only
     assert [c for c in CASES if got[c]["mtp_acceptance"] is not None] == ["dsv3:z3"]
     assert 0.0 <= got["dsv3:z3"]["mtp_acceptance"] <= 1.0
