@@ -367,11 +367,7 @@ def _fill_engine(
     opt = engine.optimizer
 
     def fresh(flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        # torch AdamW's own state layout (a float32 scalar step)
-        return {
-            "step": torch.tensor(float(step), dtype=torch.float32),
-            **{m: torch.zeros_like(flat) for m in MOMENTS},
-        }
+        return _adam_state(step, {m: torch.zeros_like(flat) for m in MOMENTS})
 
     with torch.no_grad():
         if stage == 0:
@@ -394,10 +390,9 @@ def _fill_engine(
                 hp = hp_of.get(id(p), p)
                 hp.copy_(masters[n].to(hp.dtype).view_as(hp))
                 p.copy_(masters[n].to(p.dtype).view_as(p))
-                base.state[hp] = {
-                    "step": torch.tensor(float(step), dtype=torch.float32),
-                    **{m: moments[m][n].to(p.device, torch.float32).view_as(p).clone() for m in MOMENTS},
-                }
+                base.state[hp] = _adam_state(
+                    step, {m: moments[m][n].to(p.device, torch.float32).view_as(p).clone() for m in MOMENTS}
+                )
         elif stage in (1, 2):
             base = opt.optimizer
             for i, flat in enumerate(opt.single_partition_of_fp32_groups):
@@ -431,6 +426,11 @@ def _fill_engine(
                 b.copy_(masters[n].to(b.dtype).view_as(b))
 
 
+def _adam_state(step: int, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One parameter's state in torch AdamW's own layout: a float32 scalar step and the moments."""
+    return {"step": torch.tensor(float(step), dtype=torch.float32), **moments}
+
+
 def _fill_held_experts(
     held: HeldExperts,
     masters: dict[str, torch.Tensor],
@@ -445,10 +445,9 @@ def _fill_held_experts(
     tensors, optimizer = {}, {}
     for n, p in held.params.items():
         tensors[n] = _local_rows(n, p, masters[n], layout, path)
-        optimizer[n] = {
-            "step": torch.tensor(float(step), dtype=torch.float32),  # torch AdamW's own state layout
-            **{m: _local_rows(n, p, moments[m][n], layout, path).float().clone() for m in MOMENTS},
-        }
+        optimizer[n] = _adam_state(
+            step, {m: _local_rows(n, p, moments[m][n], layout, path).float().clone() for m in MOMENTS}
+        )
     held.load_state_dict({"tensors": tensors, "optimizer": optimizer}, str(path))
 
 
